@@ -236,7 +236,8 @@ impl DeltaHandle {
         after: impl FnOnce(&mut Vec<(u64, RecordBatch)>),
     ) -> Result<u64> {
         let _w = self.writer.lock().await;
-        let current = match self.state.lock().table.clone() {
+        let cached = self.state.lock().table.clone();
+        let current = match cached {
             Some(t) => Some(t),
             None => self.load_latest().await?.map(Arc::new),
         };

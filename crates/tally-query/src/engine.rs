@@ -1,0 +1,242 @@
+//! The session factory and bounded execution.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use tally_model::config::QueryConfig;
+use tally_model::schema::{METRICS_TABLE, metrics_schema};
+use tally_model::telemetry::Telemetry;
+use tally_storage::Storage;
+use tokio::time::Sleep;
+use tracing::debug;
+
+use crate::provider::LiveTable;
+use crate::{Error, Result, check_read_only};
+
+/// How long a listing of the tables at the storage location is reused.
+const TABLE_LIST_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct QueryEngine {
+    storage: Arc<Storage>,
+    config: QueryConfig,
+    telemetry: Arc<Telemetry>,
+    tables: Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+/// A running query: its schema and a stream bounded by the configured limits.
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub stream: SendableRecordBatchStream,
+}
+
+impl std::fmt::Debug for QueryResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryResult")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueryEngine {
+    pub fn new(storage: Arc<Storage>, config: QueryConfig) -> Self {
+        let telemetry = Arc::clone(storage.telemetry());
+        Self {
+            storage,
+            config,
+            telemetry,
+            tables: Mutex::new(None),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    pub fn config(&self) -> &QueryConfig {
+        &self.config
+    }
+
+    async fn table_names(&self) -> Result<Vec<String>> {
+        if let Some((at, names)) = self.tables.lock().as_ref()
+            && at.elapsed() < TABLE_LIST_TTL
+        {
+            return Ok(names.clone());
+        }
+        let mut names = self.storage.list_tables().await?;
+        // Tables other processes may have changed are re-read when the listing is renewed;
+        // the metrics table is kept fresh by its flusher.
+        for name in &names {
+            if name != METRICS_TABLE
+                && !name.starts_with('_')
+                && let Ok(h) = self.storage.table(name)
+            {
+                h.refresh().await?;
+            }
+        }
+        if !names.iter().any(|n| n == METRICS_TABLE) {
+            names.push(METRICS_TABLE.to_string());
+        }
+        *self.tables.lock() = Some((Instant::now(), names.clone()));
+        Ok(names)
+    }
+
+    /// A fresh session with every table registered: the one production path to a
+    /// `SessionContext`, used by HTTP, Grafana, the CLI and the `.slt` tests alike.
+    pub async fn session(&self) -> Result<SessionContext> {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("tally", "public");
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.config.memory_limit.as_usize(), 1.0)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        for name in self.table_names().await? {
+            if name.starts_with('_') {
+                continue;
+            }
+            let handle = self.storage.table(&name)?;
+            let view = handle.view().await?;
+            if let Some(t) = &view.table {
+                t.update_datafusion_session(&ctx.state())
+                    .map_err(|e| Error::Storage(tally_storage::Error::Delta {
+                        table: name.clone(),
+                        source: e,
+                    }))?;
+            }
+            let fallback = (name == METRICS_TABLE).then(metrics_schema);
+            if let Some(table) = LiveTable::new(view, fallback).await? {
+                ctx.register_table(name.as_str(), Arc::new(table))?;
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// Checks, plans and starts one read-only query under the configured limits.
+    pub async fn execute(&self, sql: &str) -> Result<QueryResult> {
+        let started = Instant::now();
+        let result = self.start(sql, started).await;
+        if let Err(e) = &result {
+            self.telemetry
+                .query_finished(outcome(e), started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn start(&self, sql: &str, started: Instant) -> Result<QueryResult> {
+        check_read_only(sql)?;
+        let timeout = self.config.timeout;
+        let plan = async {
+            let ctx = self.session().await?;
+            let options = SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false);
+            let df = ctx.sql_with_options(sql, options).await?;
+            // One row past the limit tells "exactly at the limit" from "over it".
+            let df = df.limit(0, Some(usize::try_from(self.config.max_rows).unwrap_or(usize::MAX).saturating_add(1)))?;
+            let stream = df.execute_stream().await?;
+            Ok::<_, Error>(stream)
+        };
+        let stream = tokio::time::timeout(timeout, plan)
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
+        debug!(elapsed_ms = started.elapsed().as_millis() as u64, "query planned");
+        let schema = stream.schema();
+        let bounded = Bounded {
+            inner: stream,
+            deadline: Box::pin(tokio::time::sleep(timeout.saturating_sub(started.elapsed()))),
+            timeout,
+            rows: 0,
+            max_rows: self.config.max_rows,
+            started,
+            telemetry: Arc::clone(&self.telemetry),
+            done: false,
+        };
+        Ok(QueryResult {
+            schema: Arc::clone(&schema),
+            stream: Box::pin(RecordBatchStreamAdapter::new(schema, bounded)),
+        })
+    }
+}
+
+fn outcome(e: &Error) -> &'static str {
+    match e {
+        Error::Timeout(_) => "timeout",
+        Error::TooManyRows(_) => "too_many_rows",
+        e if e.is_user_error() => "invalid",
+        _ => "error",
+    }
+}
+
+/// Enforces the deadline and the row limit while the result streams, and records the
+/// query's outcome once it ends.
+struct Bounded {
+    inner: SendableRecordBatchStream,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+    rows: u64,
+    max_rows: u64,
+    started: Instant,
+    telemetry: Arc<Telemetry>,
+    done: bool,
+}
+
+impl Bounded {
+    fn finish(&mut self, outcome: &str) {
+        if !self.done {
+            self.done = true;
+            self.telemetry
+                .query_finished(outcome, self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<datafusion::error::Result<RecordBatch>>> {
+        self.finish(outcome(&e));
+        Poll::Ready(Some(Err(DataFusionError::External(Box::new(e)))))
+    }
+}
+
+impl Stream for Bounded {
+    type Item = datafusion::error::Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let t = self.timeout;
+            return self.fail(Error::Timeout(t));
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(batch))) => {
+                self.rows += batch.num_rows() as u64;
+                if self.rows > self.max_rows {
+                    let n = self.max_rows;
+                    return self.fail(Error::TooManyRows(n));
+                }
+                Poll::Ready(Some(Ok(batch)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = Error::from_datafusion(e);
+                self.fail(e)
+            }
+            Poll::Ready(None) => {
+                self.finish("ok");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! `tally serve`: startup and ordered shutdown.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tally_model::config::Config;
+use tally_model::telemetry::Telemetry;
+use tally_server::AppState;
+use tally_storage::{Flusher, Mode, Storage};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub async fn serve(config: Config) -> Result<()> {
+    let config = Arc::new(config);
+    let telemetry = Telemetry::shared();
+    let storage = Arc::new(
+        Storage::open(&config.storage, &config.wal, Mode::ReadWrite, telemetry)
+            .await
+            .context("opening storage")?,
+    );
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+
+    let tracker = TaskTracker::new();
+    let http_token = CancellationToken::new();
+    let flush_token = CancellationToken::new();
+
+    let metrics = storage
+        .metrics()
+        .cloned()
+        .context("storage opened read-only")?;
+    let flusher = tracker.spawn(Flusher::new(metrics).run(flush_token.clone()));
+
+    let router = tally_server::router(AppState::new(Arc::clone(&config), Arc::clone(&storage)));
+    let server = tracker.spawn(tally_server::serve(
+        listener,
+        router,
+        http_token.clone(),
+        config.server.shutdown_timeout,
+    ));
+    tracker.close();
+    announce(addr);
+
+    shutdown_signal().await;
+    info!("shutting down: no new requests");
+    http_token.cancel();
+    if let Ok(Err(e)) = server.await {
+        tracing::warn!(error = %e, "HTTP server ended with an error");
+    }
+    info!("flushing buffered rows");
+    flush_token.cancel();
+    let _ = flusher.await;
+    tracker.wait().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// One line on stdout that scripts and tests can wait for.
+#[allow(clippy::print_stdout)]
+fn announce(addr: std::net::SocketAddr) {
+    println!("tally listening on http://{addr}");
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
