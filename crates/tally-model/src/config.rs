@@ -80,7 +80,9 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     pub fn enabled(&self) -> bool {
-        !(self.read_tokens.is_empty() && self.write_tokens.is_empty() && self.admin_tokens.is_empty())
+        !(self.read_tokens.is_empty()
+            && self.write_tokens.is_empty()
+            && self.admin_tokens.is_empty())
     }
 }
 
@@ -362,7 +364,11 @@ fn apply_env_overrides(
     }
 }
 
-fn insert_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Result<(), String> {
+fn insert_path(
+    table: &mut toml::Table,
+    parts: &[String],
+    value: toml::Value,
+) -> Result<(), String> {
     match parts {
         [] => Ok(()),
         [last] => {

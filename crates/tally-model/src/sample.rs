@@ -169,7 +169,10 @@ mod tests {
         // Persisted in every file: these values must never change.
         // Values cross-checked against an independent FNV-1a implementation.
         assert_eq!(series_id("up", []), 631_693_652_521_310_592);
-        assert_eq!(series_id("up", [("job", "node")]), 3_004_260_764_031_727_641);
+        assert_eq!(
+            series_id("up", [("job", "node")]),
+            3_004_260_764_031_727_641
+        );
         assert_ne!(
             series_id("up", [("a", "b,c")]),
             series_id("up", [("a", "b"), ("c", "")])

@@ -106,7 +106,10 @@ impl Telemetry {
 
     pub fn http_request(&self, route: &str, status: u16) {
         self.http_requests
-            .get_or_create(&vec![("route", route.to_string()), ("status", status.to_string())])
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
             .inc();
     }
 
@@ -150,7 +153,10 @@ mod tests {
         t.rows_written("metrics", 3);
         t.http_request("sql", 200);
         let text = t.render();
-        assert!(text.contains("tally_rows_written_total{table=\"metrics\"} 3"), "{text}");
+        assert!(
+            text.contains("tally_rows_written_total{table=\"metrics\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("tally_http_requests_total{route=\"sql\",status=\"200\"} 1"));
     }
 }

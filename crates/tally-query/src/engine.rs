@@ -109,11 +109,12 @@ impl QueryEngine {
             let handle = self.storage.table(&name)?;
             let view = handle.view().await?;
             if let Some(t) = &view.table {
-                t.update_datafusion_session(&ctx.state())
-                    .map_err(|e| Error::Storage(tally_storage::Error::Delta {
+                t.update_datafusion_session(&ctx.state()).map_err(|e| {
+                    Error::from(tally_storage::Error::Delta {
                         table: name.clone(),
                         source: e,
-                    }))?;
+                    })
+                })?;
             }
             let fallback = (name == METRICS_TABLE).then(metrics_schema);
             if let Some(table) = LiveTable::new(view, fallback).await? {
@@ -143,20 +144,25 @@ impl QueryEngine {
                 .with_allow_ddl(false)
                 .with_allow_dml(false)
                 .with_allow_statements(false);
+            // No LIMIT is added to the plan (EXPLAIN must stay the root); the row cap is
+            // enforced on the stream, which stops pulling once it is exceeded.
             let df = ctx.sql_with_options(sql, options).await?;
-            // One row past the limit tells "exactly at the limit" from "over it".
-            let df = df.limit(0, Some(usize::try_from(self.config.max_rows).unwrap_or(usize::MAX).saturating_add(1)))?;
             let stream = df.execute_stream().await?;
             Ok::<_, Error>(stream)
         };
         let stream = tokio::time::timeout(timeout, plan)
             .await
             .map_err(|_| Error::Timeout(timeout))??;
-        debug!(elapsed_ms = started.elapsed().as_millis() as u64, "query planned");
+        debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "query planned"
+        );
         let schema = stream.schema();
         let bounded = Bounded {
             inner: stream,
-            deadline: Box::pin(tokio::time::sleep(timeout.saturating_sub(started.elapsed()))),
+            deadline: Box::pin(tokio::time::sleep(
+                timeout.saturating_sub(started.elapsed()),
+            )),
             timeout,
             rows: 0,
             max_rows: self.config.max_rows,

@@ -22,10 +22,10 @@ pub enum Error {
     ResourcesExhausted(String),
 
     #[error(transparent)]
-    Storage(#[from] tally_storage::Error),
+    Storage(Box<tally_storage::Error>),
 
     #[error("query failed: {0}")]
-    Execution(DataFusionError),
+    Execution(Box<DataFusionError>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,6 +33,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Sorts a DataFusion error into what the user got wrong and what went wrong on our side.
     pub fn from_datafusion(e: DataFusionError) -> Self {
+        // Our own errors travel through DataFusion streams boxed in `External`.
+        let e = match e {
+            DataFusionError::External(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => return *ours,
+                Err(other) => DataFusionError::External(other),
+            },
+            e => e,
+        };
         let root = e.find_root();
         match root {
             DataFusionError::SQL(..)
@@ -49,24 +57,30 @@ impl Error {
                 | arrow::error::ArrowError::InvalidArgumentError(_) => {
                     Error::InvalidQuery(root.to_string())
                 }
-                _ => Error::Execution(e),
+                _ => Error::Execution(Box::new(e)),
             },
-            DataFusionError::External(inner) => {
-                if let Some(q) = inner.downcast_ref::<Error>() {
-                    return match q {
-                        Error::Timeout(d) => Error::Timeout(*d),
-                        Error::TooManyRows(n) => Error::TooManyRows(*n),
-                        other => Error::Execution(DataFusionError::Execution(other.to_string())),
-                    };
-                }
-                Error::Execution(e)
-            }
+            DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
+                Some(ours) => ours.duplicate(),
+                None => Error::Execution(Box::new(e)),
+            },
             // Runtime errors raised by functions on bad arguments (e.g. a bad regex, a
             // division by zero in integer arithmetic) come as Execution with a message.
             DataFusionError::Execution(m) if is_user_execution_error(m) => {
                 Error::InvalidQuery(m.clone())
             }
-            _ => Error::Execution(e),
+            _ => Error::Execution(Box::new(e)),
+        }
+    }
+
+    /// A copy of an error seen only by reference (nested inside a DataFusion error).
+    fn duplicate(&self) -> Self {
+        match self {
+            Error::Forbidden(m) => Error::Forbidden(m.clone()),
+            Error::InvalidQuery(m) => Error::InvalidQuery(m.clone()),
+            Error::Timeout(d) => Error::Timeout(*d),
+            Error::TooManyRows(n) => Error::TooManyRows(*n),
+            Error::ResourcesExhausted(m) => Error::ResourcesExhausted(m.clone()),
+            other => Error::Execution(Box::new(DataFusionError::Execution(other.to_string()))),
         }
     }
 
@@ -89,6 +103,12 @@ fn is_user_execution_error(m: &str) -> bool {
         "invalid argument",
     ];
     MARKERS.iter().any(|k| m.contains(k))
+}
+
+impl From<tally_storage::Error> for Error {
+    fn from(e: tally_storage::Error) -> Self {
+        Error::Storage(Box::new(e))
+    }
 }
 
 impl From<DataFusionError> for Error {

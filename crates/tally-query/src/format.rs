@@ -77,7 +77,9 @@ trait Encoder: Send {
 }
 
 fn arrow_err(e: impl std::fmt::Display) -> Error {
-    Error::Execution(datafusion::error::DataFusionError::Execution(e.to_string()))
+    Error::Execution(Box::new(datafusion::error::DataFusionError::Execution(
+        e.to_string(),
+    )))
 }
 
 struct JsonArray {
@@ -194,7 +196,12 @@ fn flatten_nested(batch: &RecordBatch) -> Result<RecordBatch> {
                 | DataType::Struct(_)
         )
     };
-    if !batch.schema().fields().iter().any(|f| nested(f.data_type())) {
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| nested(f.data_type()))
+    {
         return Ok(batch.clone());
     }
     let opts = FormatOptions::default();
@@ -316,7 +323,11 @@ pub fn encode(
     let schema = stream.schema();
     let enc = encoder(format, &schema)?;
     let header = if format == Format::Csv {
-        let names: Vec<String> = schema.fields().iter().map(|f| csv_escape(f.name())).collect();
+        let names: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| csv_escape(f.name()))
+            .collect();
         format!("{}\n", names.join(",")).into_bytes()
     } else {
         Vec::new()

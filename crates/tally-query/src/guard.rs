@@ -67,7 +67,9 @@ fn check_sql(s: &Statement) -> Result<()> {
                 .take(2)
                 .collect::<Vec<_>>()
                 .join(" ");
-            Err(Error::Forbidden(format!("{verb} is not allowed: {ALLOWED}")))
+            Err(Error::Forbidden(format!(
+                "{verb} is not allowed: {ALLOWED}"
+            )))
         }
     }
 }

@@ -23,7 +23,10 @@ pub(crate) struct LiveTable {
 
 impl LiveTable {
     /// `fallback` is the schema to expose when the table has no snapshot yet.
-    pub(crate) async fn new(view: TableView, fallback: Option<SchemaRef>) -> DfResult<Option<Self>> {
+    pub(crate) async fn new(
+        view: TableView,
+        fallback: Option<SchemaRef>,
+    ) -> DfResult<Option<Self>> {
         let delta = match &view.table {
             Some(t) => Some(t.table_provider().await?),
             None => None,
@@ -99,7 +102,7 @@ impl TableProvider for LiveTable {
         }
         if !self.buffered.is_empty() || inputs.is_empty() {
             inputs.push(MemorySourceConfig::try_new_exec(
-                &[self.buffered.clone()],
+                std::slice::from_ref(&self.buffered),
                 Arc::clone(&self.schema),
                 projection.cloned(),
             )?);

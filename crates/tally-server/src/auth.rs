@@ -17,7 +17,11 @@ pub enum Role {
 
 /// Compares without an early exit, so response times do not leak how much of a token matched.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Which roles a presented token holds.
@@ -36,7 +40,11 @@ fn roles(auth: &AuthConfig, token: &str) -> Vec<Role> {
     out
 }
 
-pub(crate) fn check(auth: &AuthConfig, header_value: Option<&str>, need: Role) -> Result<(), ApiError> {
+pub(crate) fn check(
+    auth: &AuthConfig,
+    header_value: Option<&str>,
+    need: Role,
+) -> Result<(), ApiError> {
     if !auth.enabled() {
         return Ok(());
     }
@@ -83,11 +91,19 @@ async fn require(state: AppState, need: Role, req: Request, next: Next) -> Respo
     }
 }
 
-pub(crate) async fn require_read(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn require_read(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     require(state, Role::Read, req, next).await
 }
 
-pub(crate) async fn require_write(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn require_write(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     require(state, Role::Write, req, next).await
 }
 
@@ -105,11 +121,31 @@ mod tests {
             admin_tokens: vec!["a".into()],
         };
         assert_eq!(check(&auth, None, Role::Read).unwrap_err().status, 401);
-        assert_eq!(check(&auth, Some("Bearer x"), Role::Read).unwrap_err().status, 401);
-        assert_eq!(check(&auth, Some("Basic r"), Role::Read).unwrap_err().status, 401);
+        assert_eq!(
+            check(&auth, Some("Bearer x"), Role::Read)
+                .unwrap_err()
+                .status,
+            401
+        );
+        assert_eq!(
+            check(&auth, Some("Basic r"), Role::Read)
+                .unwrap_err()
+                .status,
+            401
+        );
         assert!(check(&auth, Some("Bearer r"), Role::Read).is_ok());
-        assert_eq!(check(&auth, Some("Bearer r"), Role::Write).unwrap_err().status, 403);
-        assert_eq!(check(&auth, Some("Bearer w"), Role::Read).unwrap_err().status, 403);
+        assert_eq!(
+            check(&auth, Some("Bearer r"), Role::Write)
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            check(&auth, Some("Bearer w"), Role::Read)
+                .unwrap_err()
+                .status,
+            403
+        );
         assert!(check(&auth, Some("Bearer a"), Role::Write).is_ok());
         assert!(check(&auth, Some("Bearer a"), Role::Read).is_ok());
     }

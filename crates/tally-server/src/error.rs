@@ -83,16 +83,22 @@ impl From<tally_query::Error> for ApiError {
         match e {
             Q::Forbidden(m) => Self::bad_request("forbidden_statement", m),
             Q::InvalidQuery(m) => Self::bad_request("invalid_query", m),
-            Q::Timeout(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "query_timeout", e.to_string()),
-            Q::TooManyRows(_) => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_rows", e.to_string())
-            }
+            Q::Timeout(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "query_timeout",
+                e.to_string(),
+            ),
+            Q::TooManyRows(_) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_rows",
+                e.to_string(),
+            ),
             Q::ResourcesExhausted(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "resources_exhausted",
                 e.to_string(),
             ),
-            Q::Storage(s) => s.into(),
+            Q::Storage(s) => (*s).into(),
             Q::Execution(_) => Self::internal(&e),
         }
     }
@@ -104,9 +110,11 @@ impl From<tally_storage::Error> for ApiError {
         match &e {
             S::TableNotFound(_) => Self::not_found(e.to_string()),
             _ if e.is_user_error() => Self::bad_request("invalid_write", e.to_string()),
-            S::Backpressure { .. } | S::WalPoisoned | S::ReadOnly => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
-            }
+            S::Backpressure { .. } | S::WalPoisoned | S::ReadOnly => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
             _ => Self::internal(&e),
         }
     }

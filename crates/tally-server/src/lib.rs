@@ -51,17 +51,26 @@ impl AppState {
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    let read = routes::sql::router()
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read));
-    let write = routes::import::router()
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_write));
+    let read = routes::sql::router().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_read,
+    ));
+    let write = routes::import::router().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_write,
+    ));
     Router::new()
         .merge(routes::health::router())
         .merge(read)
         .merge(write)
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(state.config.server.max_body.as_usize()))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(DefaultBodyLimit::max(
+            state.config.server.max_body.as_usize(),
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 

@@ -132,9 +132,17 @@ impl Location {
             })
     }
 
+    /// A table's folder as a path inside [`Self::store`].
+    pub fn table_path(&self, name: &str) -> Path {
+        self.base_path.clone().join(name)
+    }
+
     /// Folders under the base that hold a `_delta_log`.
     pub async fn list_tables(&self) -> Result<Vec<String>> {
-        let listing = self.store.list_with_delimiter(Some(&self.base_path)).await?;
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.base_path))
+            .await?;
         let mut names = Vec::new();
         for prefix in listing.common_prefixes {
             let Some(name) = prefix.filename() else {
@@ -152,7 +160,9 @@ impl Location {
 
     /// One cheap request that proves the store answers.
     pub async fn probe(&self) -> Result<()> {
-        self.store.list_with_delimiter(Some(&self.base_path)).await?;
+        self.store
+            .list_with_delimiter(Some(&self.base_path))
+            .await?;
         Ok(())
     }
 }
@@ -178,7 +188,10 @@ mod tests {
         assert!(loc.local_dir().is_some());
 
         let mem = Location::parse("memory://unit/base", &BTreeMap::new()).unwrap();
-        assert_eq!(mem.table_url("metrics").unwrap().as_str(), "memory://unit/base/metrics/");
+        assert_eq!(
+            mem.table_url("metrics").unwrap().as_str(),
+            "memory://unit/base/metrics/"
+        );
 
         let err = Location::parse("ftp://x/y", &BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("unsupported scheme"), "{err}");
@@ -189,6 +202,9 @@ mod tests {
         let opts: BTreeMap<String, String> =
             [("aws_region".to_string(), "us-east-1".to_string())].into();
         let s3 = Location::parse("s3://bucket/tally", &opts).unwrap();
-        assert_eq!(s3.table_url("metrics").unwrap().as_str(), "s3://bucket/tally/metrics/");
+        assert_eq!(
+            s3.table_url("metrics").unwrap().as_str(),
+            "s3://bucket/tally/metrics/"
+        );
     }
 }

@@ -8,11 +8,13 @@ use arrow::array::RecordBatch;
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
-use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::kernel::StructType;
+use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::protocol::SaveMode;
 use tally_model::config::WalConfig;
-use tally_model::schema::{COL_DATE, COL_METRIC, COL_SERIES_ID, COL_TIME, METRICS_TABLE, metrics_schema};
+use tally_model::schema::{
+    COL_DATE, COL_METRIC, COL_SERIES_ID, COL_TIME, METRICS_TABLE, metrics_schema,
+};
 use tally_model::telemetry::Telemetry;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +87,10 @@ fn merge_sorted(batches: &[RecordBatch]) -> Result<RecordBatch> {
             options: None,
         })
     };
-    let indices = lexsort_to_indices(&[key(COL_METRIC)?, key(COL_SERIES_ID)?, key(COL_TIME)?], None)?;
+    let indices = lexsort_to_indices(
+        &[key(COL_METRIC)?, key(COL_SERIES_ID)?, key(COL_TIME)?],
+        None,
+    )?;
     Ok(take_record_batch(&merged, &indices)?)
 }
 
@@ -104,7 +109,11 @@ impl MetricsStore {
         let mut rows = 0;
         for segment in &replay {
             if segment.torn_bytes > 0 {
-                warn!(segment = segment.seq, bytes = segment.torn_bytes, "dropped a torn WAL tail (never acknowledged)");
+                warn!(
+                    segment = segment.seq,
+                    bytes = segment.torn_bytes,
+                    "dropped a torn WAL tail (never acknowledged)"
+                );
             }
             for record in &segment.records {
                 for batch in decode_ipc(record)? {
@@ -210,7 +219,9 @@ impl MetricsStore {
         *failed = None;
         self.wal.truncate(sealed).await?;
         self.telemetry.flushes.inc();
-        self.telemetry.buffered_rows.set(self.handle.buffered_rows() as i64);
+        self.telemetry
+            .buffered_rows
+            .set(self.handle.buffered_rows() as i64);
         self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
         Ok(rows)
     }
@@ -220,15 +231,19 @@ async fn create_if_missing(handle: &DeltaHandle) -> Result<()> {
     if handle.exists().await? {
         return Ok(());
     }
-    let schema: StructType = metrics_schema()
-        .as_ref()
-        .try_into_kernel()
-        .map_err(|e| Error::SchemaMismatch {
-            table: METRICS_TABLE.into(),
-            reason: e.to_string(),
-        })?;
+    let schema: StructType =
+        metrics_schema()
+            .as_ref()
+            .try_into_kernel()
+            .map_err(|e| Error::SchemaMismatch {
+                table: METRICS_TABLE.into(),
+                reason: e.to_string(),
+            })?;
     let created = handle
-        .create(schema.fields().cloned().collect(), vec![COL_DATE.to_string()])
+        .create(
+            schema.fields().cloned().collect(),
+            vec![COL_DATE.to_string()],
+        )
         .await;
     match created {
         Ok(()) => Ok(()),

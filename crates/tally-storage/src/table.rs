@@ -79,6 +79,8 @@ pub struct DeltaHandle {
     name: String,
     url: Url,
     store: Arc<DynObjectStore>,
+    /// `_delta_log/` of the table inside `store`.
+    log_path: object_store::path::Path,
     state: Mutex<State>,
     writer: tokio::sync::Mutex<()>,
 }
@@ -123,6 +125,7 @@ impl DeltaHandle {
             name: name.to_string(),
             url: location.table_url(name)?,
             store: Arc::clone(location.store()),
+            log_path: location.table_path(name).clone().join("_delta_log"),
             state: Mutex::new(State::default()),
             writer: tokio::sync::Mutex::new(()),
         })
@@ -144,7 +147,20 @@ impl DeltaHandle {
 
     /// Reads the latest version from storage; `None` when the table does not exist yet.
     async fn load_latest(&self) -> Result<Option<DeltaTable>> {
-        let mut table = self.builder()?.build().map_err(|e| Error::delta(&self.name, e))?;
+        // Asking delta-rs to load a table that does not exist logs an error; a listing of its
+        // log folder answers the same question quietly.
+        let mut log = self.store.list(Some(&self.log_path));
+        if futures::StreamExt::next(&mut log)
+            .await
+            .transpose()?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let mut table = self
+            .builder()?
+            .build()
+            .map_err(|e| Error::delta(&self.name, e))?;
         match table.load().await {
             Ok(()) => Ok(Some(table)),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
@@ -368,24 +384,24 @@ impl DeltaHandle {
 }
 
 pub(crate) fn commit_properties(app_id: &str, version: i64) -> CommitProperties {
-    CommitProperties::default().with_application_transaction(
-        deltalake_core::kernel::Transaction::new(app_id, version),
-    )
+    CommitProperties::default()
+        .with_application_transaction(deltalake_core::kernel::Transaction::new(app_id, version))
 }
 
 fn schema_or_table(
     t: &DeltaTable,
     schema: Option<arrow::datatypes::SchemaRef>,
 ) -> Option<arrow::datatypes::SchemaRef> {
-    schema.or_else(|| {
-        t.snapshot()
-            .ok()
-            .map(|s| s.snapshot().arrow_schema())
-    })
+    schema.or_else(|| t.snapshot().ok().map(|s| s.snapshot().arrow_schema()))
 }
 
 fn scope_predicate(scope: &ReplaceScope) -> Expr {
-    let ts = |v: i64| lit(ScalarValue::TimestampMicrosecond(Some(v), Some("UTC".into())));
+    let ts = |v: i64| {
+        lit(ScalarValue::TimestampMicrosecond(
+            Some(v),
+            Some("UTC".into()),
+        ))
+    };
     let first_day = day_of(scope.start);
     let last_day = day_of(scope.end - 1);
     ident(&scope.source_column)
@@ -399,18 +415,20 @@ fn scope_predicate(scope: &ReplaceScope) -> Expr {
 /// Microseconds of a timestamp column of any unit.
 fn micros(col: &ArrayRef, name: &str) -> Result<Int64Array> {
     let as_us = match col.data_type() {
-        DataType::Timestamp(_, tz) => cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))?,
+        DataType::Timestamp(_, tz) => {
+            cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))?
+        }
         other => {
             return Err(Error::InvalidWrite(format!(
                 "time column '{name}' must be a timestamp, not {other}"
             )));
         }
     };
-    Ok(cast(&as_us, &DataType::Int64)?
+    cast(&as_us, &DataType::Int64)?
         .as_any()
         .downcast_ref::<Int64Array>()
         .cloned()
-        .ok_or_else(|| Error::InvalidWrite(format!("time column '{name}' is not castable")))?)
+        .ok_or_else(|| Error::InvalidWrite(format!("time column '{name}' is not castable")))
 }
 
 /// Adds the `date` partition column derived from `time_column` where it is missing.
@@ -447,7 +465,10 @@ fn prepare_batches(
         fields.push(Field::new(COL_DATE, DataType::Date32, false));
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(days));
-        out.push(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?);
+        out.push(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?);
     }
     Ok((out, true))
 }
@@ -459,7 +480,11 @@ fn check_in_scope(batches: &[RecordBatch], scope: &ReplaceScope) -> Result<()> {
             batch.column(schema.index_of(&scope.time_column)?),
             &scope.time_column,
         )?;
-        if let Some(bad) = t.values().iter().find(|v| **v < scope.start || **v >= scope.end) {
+        if let Some(bad) = t
+            .values()
+            .iter()
+            .find(|v| **v < scope.start || **v >= scope.end)
+        {
             return Err(Error::InvalidWrite(format!(
                 "row at {} lies outside the interval [{}, {})",
                 tally_model::time::format_rfc3339(*bad),
@@ -468,7 +493,10 @@ fn check_in_scope(batches: &[RecordBatch], scope: &ReplaceScope) -> Result<()> {
             )));
         }
         let src = batch.column(schema.index_of(&scope.source_column).map_err(|_| {
-            Error::InvalidWrite(format!("source column '{}' is missing", scope.source_column))
+            Error::InvalidWrite(format!(
+                "source column '{}' is missing",
+                scope.source_column
+            ))
         })?);
         let src = cast(src, &DataType::Utf8)?;
         let src = src

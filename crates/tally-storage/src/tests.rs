@@ -64,9 +64,20 @@ async fn rows(view: &TableView) -> Vec<(i64, f64, String)> {
     let mut out = Vec::new();
     for b in batches {
         let s = b.schema();
-        let t = b.column(s.index_of("time").unwrap()).as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().clone();
-        let v = b.column(s.index_of("value").unwrap()).as_any().downcast_ref::<Float64Array>().unwrap().clone();
-        let src = arrow::compute::cast(b.column(s.index_of("source").unwrap()), &DataType::Utf8).unwrap();
+        let t = b
+            .column(s.index_of("time").unwrap())
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap()
+            .clone();
+        let v = b
+            .column(s.index_of("value").unwrap())
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .clone();
+        let src =
+            arrow::compute::cast(b.column(s.index_of("source").unwrap()), &DataType::Utf8).unwrap();
         let src = src.as_any().downcast_ref::<StringArray>().unwrap();
         for i in 0..b.num_rows() {
             out.push((t.value(i), v.value(i), src.value(i).to_string()));
@@ -83,7 +94,11 @@ async fn push_flush_and_replay_exactly_once() {
     let m = storage.metrics().unwrap();
     m.write(samples("push", 10, T0, 1_000_000)).await.unwrap();
     let view = m.handle().view().await.unwrap();
-    assert_eq!(rows(&view).await.len(), 10, "buffered rows are visible before a flush");
+    assert_eq!(
+        rows(&view).await.len(),
+        10,
+        "buffered rows are visible before a flush"
+    );
 
     assert_eq!(m.flush().await.unwrap(), 10);
     let view = m.handle().view().await.unwrap();
@@ -91,7 +106,9 @@ async fn push_flush_and_replay_exactly_once() {
     assert_eq!(rows(&view).await.len(), 10);
 
     // Acknowledged but unflushed rows survive a "crash" (drop without flush).
-    m.write(samples("push", 5, T0 + HOUR, 1_000_000)).await.unwrap();
+    m.write(samples("push", 5, T0 + HOUR, 1_000_000))
+        .await
+        .unwrap();
     drop(storage);
     let storage = open(dir.path()).await;
     let view = storage.metrics().unwrap().handle().view().await.unwrap();
@@ -151,7 +168,11 @@ async fn replace_interval_is_idempotent_and_scoped() {
     let scope = ReplaceScope::metrics("job_a", T0, T0 + HOUR);
     for _ in 0..2 {
         storage
-            .replace(METRICS_TABLE, &scope, vec![samples("job_a", 60, T0, 60_000_000)])
+            .replace(
+                METRICS_TABLE,
+                &scope,
+                vec![samples("job_a", 60, T0, 60_000_000)],
+            )
             .await
             .unwrap();
     }
@@ -179,11 +200,19 @@ async fn replace_interval_is_idempotent_and_scoped() {
 
     // Re-running an interval with fewer rows removes the ones the source no longer reports.
     storage
-        .replace(METRICS_TABLE, &scope, vec![samples("job_a", 10, T0, 60_000_000)])
+        .replace(
+            METRICS_TABLE,
+            &scope,
+            vec![samples("job_a", 10, T0, 60_000_000)],
+        )
         .await
         .unwrap();
     storage
-        .replace(METRICS_TABLE, &ReplaceScope::metrics("job_b", T0, T0 + HOUR), vec![])
+        .replace(
+            METRICS_TABLE,
+            &ReplaceScope::metrics("job_b", T0, T0 + HOUR),
+            vec![],
+        )
         .await
         .unwrap();
     let all = rows(&storage.table(METRICS_TABLE).unwrap().view().await.unwrap()).await;
@@ -192,7 +221,11 @@ async fn replace_interval_is_idempotent_and_scoped() {
 
     // A row outside the interval is refused and nothing changes.
     let err = storage
-        .replace(METRICS_TABLE, &scope, vec![samples("job_a", 2, T0 + HOUR, 1)])
+        .replace(
+            METRICS_TABLE,
+            &scope,
+            vec![samples("job_a", 2, T0 + HOUR, 1)],
+        )
         .await
         .unwrap_err();
     assert!(err.is_user_error(), "{err}");
@@ -218,7 +251,10 @@ async fn records_tables_are_created_and_evolve() {
         ],
     )
     .unwrap();
-    storage.append("charges", vec![v1], Some("time")).await.unwrap();
+    storage
+        .append("charges", vec![v1], Some("time"))
+        .await
+        .unwrap();
     let v2 = RecordBatch::try_new(
         Arc::new(Schema::new(vec![
             Field::new("time", ts, false),
@@ -234,9 +270,15 @@ async fn records_tables_are_created_and_evolve() {
         ],
     )
     .unwrap();
-    storage.append("charges", vec![v2], Some("time")).await.unwrap();
+    storage
+        .append("charges", vec![v2], Some("time"))
+        .await
+        .unwrap();
     let tables: BTreeSet<String> = storage.list_tables().await.unwrap().into_iter().collect();
-    assert!(tables.contains("charges") && tables.contains("metrics"), "{tables:?}");
+    assert!(
+        tables.contains("charges") && tables.contains("metrics"),
+        "{tables:?}"
+    );
     let view = storage.table("charges").unwrap().view().await.unwrap();
     let table = view.table.unwrap();
     let schema = table.snapshot().unwrap().snapshot().arrow_schema();
@@ -252,7 +294,9 @@ async fn records_tables_are_created_and_evolve() {
         .collect()
         .await
         .unwrap();
-    let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
+    let text = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
     assert!(text.contains("| 3 | 1 |"), "{text}");
     assert!(storage.table("Bad-Name").is_err());
 }

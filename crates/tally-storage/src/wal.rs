@@ -204,7 +204,8 @@ impl Wal {
             })?;
             a.written += frame.len() as u64;
             a.records += 1;
-            self.live_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            self.live_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
             on_written(a.seq);
             a.written
         };
@@ -238,13 +239,16 @@ impl Wal {
         if a.records == 0 {
             return Ok(a.seq.checked_sub(1));
         }
-        fsync(Arc::clone(&a.file), a.path.clone()).await.inspect_err(|_| {
-            self.poisoned.store(true, Ordering::Release);
-        })?;
+        fsync(Arc::clone(&a.file), a.path.clone())
+            .await
+            .inspect_err(|_| {
+                self.poisoned.store(true, Ordering::Release);
+            })?;
         *synced = a.written;
         let sealed = a.seq;
         let (file, path) = create_segment(&self.dir, sealed + 1)?;
-        self.live_bytes.fetch_add(HEADER.len() as u64, Ordering::Relaxed);
+        self.live_bytes
+            .fetch_add(HEADER.len() as u64, Ordering::Relaxed);
         a.seq = sealed + 1;
         a.file = Arc::new(file);
         a.path = path;
@@ -259,7 +263,8 @@ impl Wal {
             if s <= seq && s < active {
                 let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
-                self.live_bytes.fetch_sub(len.min(self.live_bytes()), Ordering::Relaxed);
+                self.live_bytes
+                    .fetch_sub(len.min(self.live_bytes()), Ordering::Relaxed);
             }
         }
         Ok(())
@@ -293,7 +298,10 @@ mod tests {
         assert_eq!(replay[0].seq, 2);
         assert_eq!(replay[0].records, vec![b"three".to_vec()]);
         assert_eq!(replay[0].torn_bytes, 6);
-        assert!(!segment_path(dir.path(), 1).exists(), "committed segment deleted");
+        assert!(
+            !segment_path(dir.path(), 1).exists(),
+            "committed segment deleted"
+        );
         // New records never land in a replayed segment.
         wal.append(b"four", |s| assert_eq!(s, 3)).await.unwrap();
     }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use tally_model::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "Tally: a metrics warehouse with a Grafana datasource")]
+#[command(
+    name = "tally",
+    version,
+    about = "Tally: a metrics warehouse with a Grafana datasource"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -41,9 +41,14 @@ pub async fn run(args: SqlArgs) -> Result<ExitCode> {
 /// flushed are not visible this way; use --server for those.
 async fn local(args: &SqlArgs, out: Output) -> Result<()> {
     let config = load_config(&args.common)?;
-    let storage = Storage::open(&config.storage, &config.wal, Mode::ReadOnly, Telemetry::shared())
-        .await
-        .context("opening storage")?;
+    let storage = Storage::open(
+        &config.storage,
+        &config.wal,
+        Mode::ReadOnly,
+        Telemetry::shared(),
+    )
+    .await
+    .context("opening storage")?;
     let engine = QueryEngine::new(Arc::new(storage), config.query.clone());
     let result = engine.execute(&args.sql).await?;
     match out {
@@ -95,7 +100,8 @@ async fn remote(base: &str, token: Option<&str>, sql: &str, out: Output) -> Resu
     match out {
         Output::Table => {
             let bytes = resp.bytes().await.context("reading the result")?;
-            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+            let reader =
+                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
             let batches = reader.collect::<Result<Vec<_>, _>>()?;
             print_table(&batches)?;
         }

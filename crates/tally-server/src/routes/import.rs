@@ -68,7 +68,8 @@ pub(crate) fn valid_metric_name(s: &str) -> bool {
 
 pub(crate) fn valid_label_name(s: &str) -> bool {
     let mut c = s.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
@@ -195,7 +196,10 @@ fn parse_item(item: Value, default_source: &str, now: i64) -> Result<Sample, Str
     match item.description {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(other) => {
-            return Err(format!("description must be a string, got {}", kind(&other)));
+            return Err(format!(
+                "description must be a string, got {}",
+                kind(&other)
+            ));
         }
     }
     let source = match item.job {
@@ -320,10 +324,20 @@ mod tests {
         assert_eq!(ok.time, 1_704_067_200_000_000);
         assert_eq!(ok.labels.len(), 1);
         assert_eq!(ok.source, "batch");
-        let ms = parse_item(json!({"name": "x", "value": "NaN", "time": 1_704_067_200_123i64}), "b", now).unwrap();
+        let ms = parse_item(
+            json!({"name": "x", "value": "NaN", "time": 1_704_067_200_123i64}),
+            "b",
+            now,
+        )
+        .unwrap();
         assert!(ms.value.is_nan());
         assert_eq!(ms.time, 1_704_067_200_123_000);
-        assert_eq!(parse_item(json!({"name": "x", "value": 1}), "b", now).unwrap().time, now);
+        assert_eq!(
+            parse_item(json!({"name": "x", "value": 1}), "b", now)
+                .unwrap()
+                .time,
+            now
+        );
 
         for (bad, needle) in [
             (json!({"value": 1}), "name is missing"),
@@ -331,13 +345,31 @@ mod tests {
             (json!({"name": "1x", "value": 1}), "not a valid metric name"),
             (json!({"name": "x", "value": "12"}), "must be a number"),
             (json!({"name": "x", "value": true}), "must be a number"),
-            (json!({"name": "x", "value": 1, "labels": {"a-b": "1"}}), "label name"),
-            (json!({"name": "x", "value": 1, "labels": {"__name__": "1"}}), "label name"),
-            (json!({"name": "x", "value": 1, "labels": {"a": 1}}), "must be a string"),
-            (json!({"name": "x", "value": 1, "time": 1_704_067_200}), "looks like epoch seconds"),
+            (
+                json!({"name": "x", "value": 1, "labels": {"a-b": "1"}}),
+                "label name",
+            ),
+            (
+                json!({"name": "x", "value": 1, "labels": {"__name__": "1"}}),
+                "label name",
+            ),
+            (
+                json!({"name": "x", "value": 1, "labels": {"a": 1}}),
+                "must be a string",
+            ),
+            (
+                json!({"name": "x", "value": 1, "time": 1_704_067_200}),
+                "looks like epoch seconds",
+            ),
             (json!({"name": "x", "value": 1, "time": "noon"}), "RFC 3339"),
-            (json!({"name": "x", "value": 1, "metric_type": "meter"}), "metric_type"),
-            (json!({"name": "x", "value": 1, "colour": "red"}), "unknown field"),
+            (
+                json!({"name": "x", "value": 1, "metric_type": "meter"}),
+                "metric_type",
+            ),
+            (
+                json!({"name": "x", "value": 1, "colour": "red"}),
+                "unknown field",
+            ),
         ] {
             let e = parse_item(bad.clone(), "b", now).expect_err(&bad.to_string());
             assert!(e.contains(needle), "{bad}: {e}");

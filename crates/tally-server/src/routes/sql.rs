@@ -1,12 +1,12 @@
 //! SQL over HTTP: `POST /api/v1/sql` (JSON `{"sql"}` or plain text) and `GET /api/v1/sql?q=`.
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use futures::StreamExt;
 use serde::Deserialize;
 use tally_query::Format;
@@ -58,7 +58,10 @@ async fn post_sql(
         .is_some_and(|ct| ct.starts_with("application/json"));
     let (sql, body_format) = if is_json {
         let parsed: SqlBody = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request("invalid_body", format!("expected {{\"sql\": \"...\"}}: {e}"))
+            ApiError::bad_request(
+                "invalid_body",
+                format!("expected {{\"sql\": \"...\"}}: {e}"),
+            )
         })?;
         (parsed.sql, parsed.format)
     } else {

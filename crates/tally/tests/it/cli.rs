@@ -1,0 +1,79 @@
+//! The CLI: `tally sql` locally and against a server, and `tally check-config`.
+
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::support::{BIN, Tally, import};
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sql_against_server_and_local_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[]).await;
+    let body = json!([{"name": "jobs_done", "value": 7, "labels": {"team": "data"},
+                       "time": "2024-05-01T00:00:00Z"}]);
+    assert_eq!(import(&tally.url, &body).await.status(), 200);
+
+    let q = "SELECT metric, labels['team'] AS team, value FROM metrics";
+    let (ok, out, err) = run(&["sql", "--server", &tally.url, q]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| jobs_done | data | 7.0   |"), "{out}");
+    assert!(out.contains("(1 row)"), "{out}");
+    let (ok, out, _) = run(&["sql", "--server", &tally.url, "--format", "csv", q]);
+    assert!(ok);
+    assert_eq!(out, "metric,team,value\njobs_done,data,7.0\n");
+    let (ok, _, err) = run(&["sql", "--server", &tally.url, "DROP TABLE metrics"]);
+    assert!(!ok);
+    assert!(err.contains("400") && err.contains("DROP"), "{err}");
+
+    tally.stop().await;
+    let data = dir.path().display().to_string();
+    let (ok, out, err) = run(&["sql", "--data", &data, "--format", "json", q]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        json!([{"metric": "jobs_done", "team": "data", "value": 7.0}])
+    );
+    let (ok, _, err) = run(&["sql", "--data", &data, "SELECT nope FROM metrics"]);
+    assert!(!ok);
+    assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn check_config_reports_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"nowhere\"\n[query]\nmax_rows = 0\ntimeout = \"soon\"\n[typo]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["check-config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    for needle in [
+        "4 problems",
+        "server.listen",
+        "query.max_rows",
+        "query.timeout",
+        "typo",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tally.toml");
+    let (ok, out, err) = run(&["check-config", shipped]);
+    assert!(ok, "the shipped tally.toml must be valid: {err}");
+    assert!(out.ends_with("ok\n"));
+}
