@@ -11,6 +11,7 @@
 
 mod error;
 mod location;
+mod metadata;
 mod metrics;
 mod table;
 mod wal;
@@ -26,6 +27,7 @@ use tally_model::telemetry::Telemetry;
 
 pub use error::{Error, Result};
 pub use location::Location;
+pub use metadata::{METADATA_TABLE, MetricMetadata, metadata_schema};
 pub use metrics::{Flusher, MetricsStore};
 pub use table::{DeltaHandle, ReplaceScope, TableView, WriteSummary};
 
@@ -35,6 +37,7 @@ pub struct Storage {
     location: Location,
     metrics: Option<Arc<MetricsStore>>,
     records: Mutex<BTreeMap<String, Arc<DeltaHandle>>>,
+    metadata: metadata::MetadataLog,
     telemetry: Arc<Telemetry>,
 }
 
@@ -65,6 +68,7 @@ impl Storage {
             location,
             metrics,
             records: Mutex::new(BTreeMap::new()),
+            metadata: metadata::MetadataLog::default(),
             telemetry,
         })
     }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_model::time::{MAX_MICROS, MICROS_PER_MILLI, MIN_MICROS, now_micros, parse_rfc3339};
 use tally_model::{Sample, SampleBatchBuilder};
+use tally_storage::MetricMetadata;
 
 use crate::routes::sql::body_error;
 use crate::{ApiError, AppState};
@@ -139,7 +140,11 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn parse_item(item: Value, default_source: &str, now: i64) -> Result<Sample, String> {
+fn parse_item(
+    item: Value,
+    default_source: &str,
+    now: i64,
+) -> Result<(Sample, Option<MetricMetadata>), String> {
     let item: Item = serde_json::from_value(item).map_err(|e| e.to_string())?;
     let name = match item.name {
         Some(Value::String(s)) if valid_metric_name(&s) => s,
@@ -183,25 +188,26 @@ fn parse_item(item: Value, default_source: &str, now: i64) -> Result<Sample, Str
         None | Some(Value::Null) => now,
         Some(v) => parse_time(&v)?,
     };
-    match item.metric_type {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if METRIC_TYPES.contains(&t.as_str()) => {}
+    let metric_type = match item.metric_type {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if METRIC_TYPES.contains(&t.as_str()) => Some(t),
         Some(other) => {
             return Err(format!(
                 "metric_type must be one of {}, got {other}",
                 METRIC_TYPES.join(", ")
             ));
         }
-    }
-    match item.description {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
+    };
+    let description = match item.description {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d),
         Some(other) => {
             return Err(format!(
                 "description must be a string, got {}",
                 kind(&other)
             ));
         }
-    }
+    };
     let source = match item.job {
         None | Some(Value::Null) => default_source.to_string(),
         Some(Value::String(s)) if valid_source(&s) => s,
@@ -211,13 +217,22 @@ fn parse_item(item: Value, default_source: &str, now: i64) -> Result<Sample, Str
             ));
         }
     };
-    Ok(Sample {
-        time,
-        metric: name,
-        labels,
-        value,
-        source,
-    })
+    let metadata = (metric_type.is_some() || description.is_some()).then(|| MetricMetadata {
+        source: source.clone(),
+        metric: name.clone(),
+        metric_type,
+        description,
+    });
+    Ok((
+        Sample {
+            time,
+            metric: name,
+            labels,
+            value,
+            source,
+        },
+        metadata,
+    ))
 }
 
 async fn import(
@@ -264,11 +279,15 @@ async fn import(
     let total = items.len();
     let now = now_micros();
     let mut builder = SampleBatchBuilder::with_capacity(total);
+    let mut metadata = Vec::new();
     let mut errors = Vec::new();
     let mut bad = 0usize;
     for (i, item) in items.into_iter().enumerate() {
         match parse_item(item, &default_source, now) {
-            Ok(s) => builder.push(s),
+            Ok((s, meta)) => {
+                builder.push(s);
+                metadata.extend(meta);
+            }
             Err(e) => {
                 bad += 1;
                 if errors.len() < MAX_LISTED_ERRORS {
@@ -295,6 +314,8 @@ async fn import(
             ),
         ));
     }
+    // Metadata first: if it fails nothing is acknowledged and a retry doubles nothing.
+    state.storage.record_metadata(metadata).await?;
     let rows = builder.len();
     if rows > 0 {
         let batch = builder.finish().map_err(|e| ApiError::internal(&e))?;
@@ -321,20 +342,24 @@ mod tests {
             now,
         )
         .unwrap();
+        let (ok, meta) = ok;
+        assert_eq!(meta.unwrap().metric_type.as_deref(), Some("gauge"));
         assert_eq!(ok.time, 1_704_067_200_000_000);
         assert_eq!(ok.labels.len(), 1);
         assert_eq!(ok.source, "batch");
-        let ms = parse_item(
+        let (ms, meta) = parse_item(
             json!({"name": "x", "value": "NaN", "time": 1_704_067_200_123i64}),
             "b",
             now,
         )
         .unwrap();
+        assert!(meta.is_none());
         assert!(ms.value.is_nan());
         assert_eq!(ms.time, 1_704_067_200_123_000);
         assert_eq!(
             parse_item(json!({"name": "x", "value": 1}), "b", now)
                 .unwrap()
+                .0
                 .time,
             now
         );

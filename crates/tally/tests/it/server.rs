@@ -193,6 +193,28 @@ async fn catalog_statements_work() {
     assert_eq!(n, 7);
     let plan = sql(&s.url, "EXPLAIN SELECT * FROM metrics").await;
     assert!(!plan.is_empty());
+    // The fixture's metric_type and description were kept, once per distinct report.
+    let meta = sql(
+        &s.url,
+        "SELECT source, metric, metric_type, description FROM metric_metadata",
+    )
+    .await;
+    assert_eq!(
+        meta,
+        vec![json!({"source": "nightly", "metric": "rows_processed",
+                    "metric_type": "gauge", "description": "rows"})]
+    );
+    let again = client()
+        .post(format!("{}/api/v1/import?job=nightly", s.url))
+        .json(&fixture())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        count(&s.url, "SELECT count(*) FROM metric_metadata").await,
+        1
+    );
 }
 
 async fn expect_error(resp: reqwest::Response, status: u16, kind: &str) -> String {

@@ -1,4 +1,4 @@
-//! Runs `tests/slt/*.slt` through the production session factory ([`QueryEngine`]), over a
+//! Runs the repository's `tests/slt/*.slt` through the production session factory ([`QueryEngine`]), over a
 //! seeded store where some rows are committed to Delta and the rest are still buffered.
 //!
 //! `TALLY_SLT_COMPLETE=1 cargo test --test it slt` rewrites the expected results for review.
@@ -154,7 +154,7 @@ async fn slt_files() {
     let db = Db {
         engine: Arc::new(QueryEngine::new(Arc::new(storage), QueryConfig::default())),
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/slt");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
