@@ -8,3 +8,7 @@
 //! built.
 
 pub mod exposition;
+mod kinds;
+pub mod scrape;
+
+pub use kinds::{Error, IntervalRule, KindConfig, Output, RunContext};

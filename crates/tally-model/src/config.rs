@@ -27,6 +27,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub query: QueryConfig,
     pub wal: WalConfig,
+    pub scheduler: SchedulerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +132,41 @@ impl Default for WalConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Run scheduled jobs in `tally serve`.
+    pub enabled: bool,
+    /// Folder of job files (`*.toml`, one job each).
+    pub jobs_dir: PathBuf,
+    /// Run history older than this is deleted.
+    #[serde(with = "humantime_serde")]
+    pub runs_retention: Duration,
+    /// Webhook URLs (Slack or Teams incoming webhooks) told about runs that failed for good.
+    pub webhooks: Vec<String>,
+    /// Concurrency limit per pool name; jobs name their pool (`default` unless set).
+    pub pools: BTreeMap<String, usize>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            jobs_dir: PathBuf::from("ingest"),
+            runs_retention: Duration::from_secs(30 * 86_400),
+            webhooks: Vec::new(),
+            pools: BTreeMap::from([("default".to_string(), 4)]),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Concurrency of a pool; unknown pools get 1 so a typo cannot flood a source.
+    pub fn pool_size(&self, pool: &str) -> usize {
+        self.pools.get(pool).copied().unwrap_or(1).max(1)
+    }
+}
+
 /// One thing wrong with a configuration: where, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -220,10 +256,12 @@ impl Config {
                 "auth" => section(value, &field, &mut problems, &mut config.auth),
                 "query" => section(value, &field, &mut problems, &mut config.query),
                 "wal" => section(value, &field, &mut problems, &mut config.wal),
+                "scheduler" => section(value, &field, &mut problems, &mut config.scheduler),
                 _ => problems.push(Problem {
                     field,
-                    message: "unknown section (expected storage, server, auth, query or wal)"
-                        .into(),
+                    message:
+                        "unknown section (expected storage, server, auth, query, wal or scheduler)"
+                            .into(),
                 }),
             }
         }
@@ -273,6 +311,20 @@ impl Config {
         }
         if self.wal.flush_rows == 0 {
             bad("wal.flush_rows", "must be greater than zero".into());
+        }
+        if self.scheduler.pools.values().any(|n| *n == 0) {
+            bad("scheduler.pools", "pool sizes must be at least 1".into());
+        }
+        if self
+            .scheduler
+            .webhooks
+            .iter()
+            .any(|w| !(w.starts_with("http://") || w.starts_with("https://")))
+        {
+            bad(
+                "scheduler.webhooks",
+                "webhooks must be http:// or https:// URLs".into(),
+            );
         }
         for (name, tokens) in [
             ("auth.read_tokens", &self.auth.read_tokens),

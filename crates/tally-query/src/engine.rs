@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -23,6 +24,9 @@ use tracing::debug;
 
 use crate::provider::LiveTable;
 use crate::{Error, Result, check_read_only};
+
+/// Schema holding Tally's own tables (`_tally.runs`).
+pub const SYSTEM_SCHEMA: &str = "_tally";
 
 /// How long a listing of the tables at the storage location is reused.
 const TABLE_LIST_TTL: Duration = Duration::from_secs(5);
@@ -79,7 +83,6 @@ impl QueryEngine {
         // the metrics table is kept fresh by its flusher.
         for name in &names {
             if name != METRICS_TABLE
-                && !name.starts_with('_')
                 && let Ok(h) = self.storage.table(name)
             {
                 h.refresh().await?;
@@ -102,8 +105,14 @@ impl QueryEngine {
             .with_memory_limit(self.config.memory_limit.as_usize(), 1.0)
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let system = Arc::new(MemorySchemaProvider::new());
+        ctx.catalog("tally")
+            .ok_or_else(|| Error::InvalidQuery("catalog tally is missing".into()))?
+            .register_schema(SYSTEM_SCHEMA, Arc::clone(&system) as _)?;
         for name in self.table_names().await? {
-            if name.starts_with('_') {
+            // Tally's own state (`_tally_runs`, ...) is shown as `_tally.runs`, ...
+            let system_name = name.strip_prefix("_tally_");
+            if name.starts_with('_') && system_name.is_none() {
                 continue;
             }
             let handle = self.storage.table(&name)?;
@@ -118,7 +127,14 @@ impl QueryEngine {
             }
             let fallback = (name == METRICS_TABLE).then(metrics_schema);
             if let Some(table) = LiveTable::new(view, fallback).await? {
-                ctx.register_table(name.as_str(), Arc::new(table))?;
+                match system_name {
+                    Some(short) => {
+                        system.register_table(short.to_string(), Arc::new(table))?;
+                    }
+                    None => {
+                        ctx.register_table(name.as_str(), Arc::new(table))?;
+                    }
+                }
             }
         }
         Ok(ctx)

@@ -99,6 +99,14 @@ pub(crate) async fn require_read(
     require(state, Role::Read, req, next).await
 }
 
+pub(crate) async fn require_admin(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    require(state, Role::Admin, req, next).await
+}
+
 pub(crate) async fn require_write(
     State(state): State<AppState>,
     req: Request,

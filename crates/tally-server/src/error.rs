@@ -104,6 +104,18 @@ impl From<tally_query::Error> for ApiError {
     }
 }
 
+impl From<tally_scheduler::Error> for ApiError {
+    fn from(e: tally_scheduler::Error) -> Self {
+        use tally_scheduler::Error as S;
+        match e {
+            S::UnknownJob(_) => Self::not_found(e.to_string()),
+            S::NotRunnable { .. } => Self::new(StatusCode::CONFLICT, "not_runnable", e.to_string()),
+            S::InvalidInterval(_) => Self::bad_request("invalid_interval", e.to_string()),
+            S::Storage(s) => s.into(),
+        }
+    }
+}
+
 impl From<tally_storage::Error> for ApiError {
     fn from(e: tally_storage::Error) -> Self {
         use tally_storage::Error as S;

@@ -19,6 +19,7 @@ use axum::response::Response;
 use tally_model::config::Config;
 use tally_model::telemetry::Telemetry;
 use tally_query::QueryEngine;
+use tally_scheduler::Scheduler;
 use tally_storage::Storage;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub storage: Arc<Storage>,
     pub engine: Arc<QueryEngine>,
     pub telemetry: Arc<Telemetry>,
+    /// Absent in processes that do not schedule (the jobs API then answers 503).
+    pub scheduler: Option<Scheduler>,
 }
 
 impl AppState {
@@ -45,15 +48,27 @@ impl AppState {
             storage,
             engine,
             telemetry,
+            scheduler: None,
         }
+    }
+
+    pub fn with_scheduler(mut self, scheduler: Scheduler) -> Self {
+        self.scheduler = Some(scheduler);
+        self
     }
 }
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    let read = routes::sql::router().route_layer(middleware::from_fn_with_state(
+    let read = routes::sql::router()
+        .merge(routes::jobs::read_router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_read,
+        ));
+    let admin = routes::jobs::admin_router().route_layer(middleware::from_fn_with_state(
         state.clone(),
-        auth::require_read,
+        auth::require_admin,
     ));
     let write = routes::import::router().route_layer(middleware::from_fn_with_state(
         state.clone(),
@@ -63,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::health::router())
         .merge(read)
         .merge(write)
+        .merge(admin)
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(
             state.config.server.max_body.as_usize(),

@@ -368,6 +368,46 @@ impl DeltaHandle {
         Ok(WriteSummary { rows, version })
     }
 
+    /// Deletes the rows matching `predicate` in one commit; returns how many were deleted.
+    pub async fn delete(&self, predicate: Expr) -> Result<u64> {
+        let _w = self.writer.lock().await;
+        let Some(current) = self.load_latest().await? else {
+            return Ok(0);
+        };
+        let (table, metrics) = current
+            .delete()
+            .with_predicate(predicate)
+            .await
+            .map_err(|e| self.classify(e))?;
+        self.state.lock().table = Some(Arc::new(table));
+        Ok(metrics.num_deleted_rows.unwrap_or(0) as u64)
+    }
+
+    /// Every row matching the SQL condition `filter` (over the table's columns), read through
+    /// DataFusion. Empty when the table does not exist.
+    pub async fn read(&self, filter: &str) -> Result<Vec<RecordBatch>> {
+        let view = self.view().await?;
+        let Some(table) = view.table else {
+            return Ok(view.buffered);
+        };
+        let ctx = datafusion::prelude::SessionContext::new();
+        let df_err = |e: datafusion::error::DataFusionError| Error::InvalidWrite(e.to_string());
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::delta(&self.name, e))?;
+        let provider = table.table_provider().await.map_err(df_err)?;
+        ctx.register_table("t", provider).map_err(df_err)?;
+        let mut batches = ctx
+            .sql(&format!("SELECT * FROM t WHERE {filter}"))
+            .await
+            .map_err(df_err)?
+            .collect()
+            .await
+            .map_err(df_err)?;
+        batches.extend(view.buffered);
+        Ok(batches)
+    }
+
     /// The version last committed by `app_id` with [`CommitProperties`] application
     /// transactions, read from the current snapshot.
     pub(crate) async fn app_version(&self, app_id: &str) -> Result<Option<i64>> {

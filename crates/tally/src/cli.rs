@@ -24,11 +24,78 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one SQL query and print the result.
     Sql(SqlArgs),
-    /// Check a configuration file and report every problem in it.
+    /// Check a configuration file (and the job files it points at); report every problem.
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+        /// Job folder to check instead of the configured one.
+        #[arg(long)]
+        jobs: Option<PathBuf>,
     },
+    /// Run ingestion jobs without a server (backfill, one-off runs).
+    #[command(subcommand)]
+    Ingest(IngestCommand),
+    /// Talk to the jobs API of a running Tally.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IngestCommand {
+    /// Run JOB for its latest interval, or for every interval in [--from, --to).
+    Run(IngestRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IngestRunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The job's name (its file stem unless the file sets `name`).
+    pub job: String,
+    /// Start of a backfill range (RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of a backfill range (RFC 3339, exclusive; default now).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Also re-run intervals that already ran: `failed` (and skipped) or `all`.
+    #[arg(long)]
+    pub reprocess: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Trigger a run of JOB (its latest interval, or [--from, --to)).
+    Trigger(TriggerArgs),
+    /// List the jobs and their last runs.
+    List(RemoteArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// URL of the running Tally.
+    #[arg(long, default_value = "http://127.0.0.1:8181", env = "TALLY_SERVER")]
+    pub server: String,
+    /// Bearer token (admin to trigger).
+    #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    pub job: String,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Wait for the runs to finish; exit non-zero if any failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "1h")]
+    pub wait_timeout: String,
 }
 
 /// Options shared by every command that opens storage.
@@ -40,6 +107,9 @@ pub struct CommonArgs {
     /// Storage location: a path, file://, s3://, gs://, az:// or memory:// URL.
     #[arg(long)]
     pub data: Option<String>,
+    /// Folder of job files (default: scheduler.jobs_dir, `ingest`).
+    #[arg(long)]
+    pub jobs: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +144,9 @@ pub fn load_config(common: &CommonArgs) -> Result<Config> {
     if let Some(data) = &common.data {
         config.storage.url = data.clone();
     }
+    if let Some(jobs) = &common.jobs {
+        config.scheduler.jobs_dir = jobs.clone();
+    }
     Ok(config)
 }
 
@@ -95,20 +168,37 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sql(args) => crate::sql::run(args).await,
-        Command::CheckConfig { file } => Ok(check_config(&file)),
+        Command::CheckConfig { file, jobs } => Ok(check_config(&file, jobs.as_deref())),
+        Command::Ingest(IngestCommand::Run(args)) => crate::jobs::ingest_run(args).await,
+        Command::Jobs(JobsCommand::Trigger(args)) => crate::jobs::trigger(args).await,
+        Command::Jobs(JobsCommand::List(args)) => crate::jobs::list(args).await,
     }
 }
 
 #[allow(clippy::print_stdout)]
-fn check_config(file: &Path) -> ExitCode {
-    match Config::load(Some(file), std::env::vars()) {
-        Ok(_) => {
-            println!("{}: ok", file.display());
-            ExitCode::SUCCESS
-        }
+fn check_config(file: &Path, jobs: Option<&Path>) -> ExitCode {
+    let config = match Config::load(Some(file), std::env::vars()) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    println!("{}: ok", file.display());
+    let dir = jobs.unwrap_or(&config.scheduler.jobs_dir);
+    let (loaded, problems) = tally_scheduler::load_dir(dir);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    println!(
+        "{}: {} job(s) ok, {} problem(s)",
+        dir.display(),
+        loaded.len(),
+        problems.len()
+    );
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -2,6 +2,7 @@
 //! spawns long-lived tasks.
 
 mod cli;
+mod jobs;
 mod serve;
 mod sql;
 

@@ -35,7 +35,16 @@ pub async fn serve(config: Config) -> Result<()> {
         .context("storage opened read-only")?;
     let flusher = tracker.spawn(Flusher::new(metrics).run(flush_token.clone()));
 
-    let router = tally_server::router(AppState::new(Arc::clone(&config), Arc::clone(&storage)));
+    let scheduler = crate::jobs::build_scheduler(&config, &storage, Some(addr)).await?;
+    let scheduler_token = CancellationToken::new();
+    let scheduler_task = tracker.spawn(
+        scheduler
+            .clone()
+            .run(scheduler_token.clone(), config.server.shutdown_timeout),
+    );
+
+    let state = AppState::new(Arc::clone(&config), Arc::clone(&storage)).with_scheduler(scheduler);
+    let router = tally_server::router(state);
     let server = tracker.spawn(tally_server::serve(
         listener,
         router,
@@ -51,6 +60,9 @@ pub async fn serve(config: Config) -> Result<()> {
     if let Ok(Err(e)) = server.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
+    info!("stopping the scheduler: no new runs");
+    scheduler_token.cancel();
+    let _ = scheduler_task.await;
     info!("flushing buffered rows");
     flush_token.cancel();
     let _ = flusher.await;

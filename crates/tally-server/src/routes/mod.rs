@@ -1,5 +1,6 @@
 pub(crate) mod health;
 pub(crate) mod import;
+pub(crate) mod jobs;
 pub(crate) mod sql;
 
 use axum::http::Uri;
