@@ -32,7 +32,13 @@ pub enum Error {
     #[error("invalid interval: {0}")]
     InvalidInterval(String),
     #[error(transparent)]
-    Storage(#[from] tally_storage::Error),
+    Storage(Box<tally_storage::Error>),
+}
+
+impl From<tally_storage::Error> for Error {
+    fn from(e: tally_storage::Error) -> Self {
+        Error::Storage(Box::new(e))
+    }
 }
 
 /// What the scheduler needs from the outside world.
@@ -365,11 +371,15 @@ impl Scheduler {
         let mut todo = Vec::new();
         for iv in intervals {
             let state = self.inner.runs.state_of(name, iv);
-            let run = match (reprocess, state) {
-                (_, None) | (Reprocess::All, _) => true,
-                (Reprocess::Failed, Some(RunState::Failed | RunState::Skipped)) => true,
-                _ => false,
-            };
+            let run = matches!(
+                (reprocess, state),
+                (_, None)
+                    | (Reprocess::All, _)
+                    | (
+                        Reprocess::Failed,
+                        Some(RunState::Failed | RunState::Skipped)
+                    )
+            );
             if run {
                 todo.push(self.plan(name, iv, "backfill"));
             } else {

@@ -111,7 +111,7 @@ impl From<tally_scheduler::Error> for ApiError {
             S::UnknownJob(_) => Self::not_found(e.to_string()),
             S::NotRunnable { .. } => Self::new(StatusCode::CONFLICT, "not_runnable", e.to_string()),
             S::InvalidInterval(_) => Self::bad_request("invalid_interval", e.to_string()),
-            S::Storage(s) => s.into(),
+            S::Storage(s) => (*s).into(),
         }
     }
 }

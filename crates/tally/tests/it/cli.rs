@@ -73,7 +73,18 @@ fn check_config_reports_every_problem() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tally.toml");
-    let (ok, out, err) = run(&["check-config", shipped]);
-    assert!(ok, "the shipped tally.toml must be valid: {err}");
-    assert!(out.ends_with("ok\n"));
+    let ingest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ingest");
+    let (ok, out, err) = run(&["check-config", shipped, "--jobs", ingest]);
+    assert!(ok, "the shipped tally.toml and jobs must be valid: {err}");
+    assert!(out.contains("tally.toml: ok"), "{out}");
+    assert!(out.contains("1 job(s) ok, 0 problem(s)"), "{out}");
+    std::fs::write(dir.path().join("bad_job.toml"), "kind = \"scrape\"\n").unwrap();
+    let (ok, _, err) = run(&[
+        "check-config",
+        shipped,
+        "--jobs",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("bad_job.toml: missing field `url`"), "{err}");
 }

@@ -8,6 +8,7 @@
 
 mod binary;
 mod cli;
+mod jobs;
 mod server;
 mod slt;
 mod support;
