@@ -13,6 +13,21 @@ use tally_model::{Sample, SampleBatchBuilder};
 use crate::exposition::{self, Format};
 use crate::kinds::{Error, Output, RunContext};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            super::redact("https://user:pw@host:9100/metrics?token=s3cret"),
+            "https://host:9100/metrics?redacted"
+        );
+        assert_eq!(
+            super::redact("http://127.0.0.1:9/metrics"),
+            "http://127.0.0.1:9/metrics"
+        );
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScrapeConfig {
@@ -31,10 +46,42 @@ pub struct ScrapeConfig {
 const MAX_BODY: usize = 64 << 20;
 const LOG_LIMIT: usize = 5;
 
+/// The URL without credentials or query string, for errors and logs: a secret a user put
+/// there must not reach the run history.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("redacted"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(invalid URL)".into(),
+    }
+}
+
+/// An error with its causes ("error sending request: connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 pub async fn run(c: &ScrapeConfig, ctx: &RunContext) -> Result<Output, Error> {
+    let shown = redact(&c.url);
     let http_err = |e: reqwest::Error| Error::Http {
-        url: c.url.clone(),
-        message: e.without_url().to_string(),
+        url: shown.clone(),
+        message: chain(&e.without_url()),
     };
     let mut req = ctx
         .http
@@ -62,26 +109,26 @@ pub async fn run(c: &ScrapeConfig, ctx: &RunContext) -> Result<Output, Error> {
         && len as usize > MAX_BODY
     {
         return Err(Error::Decode {
-            url: c.url.clone(),
+            url: shown.clone(),
             message: format!("body of {len} bytes exceeds {MAX_BODY}"),
         });
     }
     let bytes = resp.bytes().await.map_err(http_err)?;
     if !status.is_success() {
         return Err(Error::Status {
-            url: c.url.clone(),
+            url: shown.clone(),
             status: status.as_u16(),
             body: String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
         });
     }
     let text = std::str::from_utf8(&bytes).map_err(|e| Error::Decode {
-        url: c.url.clone(),
+        url: shown.clone(),
         message: format!("not UTF-8: {e}"),
     })?;
     let parsed =
         exposition::parse(text, Format::from_content_type(&content_type)).map_err(|e| {
             Error::Decode {
-                url: c.url.clone(),
+                url: shown.clone(),
                 message: e.to_string(),
             }
         })?;
@@ -120,13 +167,13 @@ pub async fn run(c: &ScrapeConfig, ctx: &RunContext) -> Result<Output, Error> {
     if !builder.is_empty() {
         out.batches
             .push(builder.finish().map_err(|e| Error::Decode {
-                url: c.url.clone(),
+                url: shown.clone(),
                 message: e.to_string(),
             })?);
     }
     out.log.push(format!(
         "scraped {} ({}): {} samples, {} rejected",
-        c.url, content_type, out.rows, out.rejected
+        shown, content_type, out.rows, out.rejected
     ));
     Ok(out)
 }

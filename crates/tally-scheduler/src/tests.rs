@@ -500,3 +500,30 @@ async fn a_missing_secret_is_reported_not_fatal() {
     token.cancel();
     looped.await.unwrap();
 }
+
+#[tokio::test]
+async fn run_history_is_kept_bounded() {
+    let e = env().await;
+    e.job("node", "every = \"1m\"");
+    let s = e.scheduler(&[], &[]).await;
+    let day = 24 * 60 * MIN;
+    for (i, finished) in [T0 - 40 * day, T0 - 31 * day, T0 - day]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = s.plan(
+            "node",
+            (T0 + i as i64 * MIN, T0 + (i as i64 + 1) * MIN),
+            "schedule",
+        );
+        r.state = RunState::Succeeded;
+        r.finished_at = Some(finished);
+        s.run_store().finish(r).await.unwrap();
+    }
+    // Retention is 30 days: the two older runs go, from the table and from memory.
+    assert_eq!(s.run_store().expire(T0 - 30 * day).await.unwrap(), 2);
+    assert_eq!(finished(&s, "node").len(), 1);
+    let reloaded = e.scheduler(&[], &[]).await;
+    assert_eq!(finished(&reloaded, "node").len(), 1);
+    assert_eq!(reloaded.run_store().watermark("node"), Some(T0 + 3 * MIN));
+}

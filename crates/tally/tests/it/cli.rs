@@ -1,23 +1,8 @@
 //! The CLI: `tally sql` locally and against a server, and `tally check-config`.
 
-use std::process::Command;
-
 use serde_json::json;
 
-use crate::support::{BIN, Tally, import};
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::{Tally, import, tally_cli};
 
 #[tokio::test]
 async fn sql_against_server_and_local_data() {
@@ -28,26 +13,26 @@ async fn sql_against_server_and_local_data() {
     assert_eq!(import(&tally.url, &body).await.status(), 200);
 
     let q = "SELECT metric, labels['team'] AS team, value FROM metrics";
-    let (ok, out, err) = run(&["sql", "--server", &tally.url, q]);
+    let (ok, out, err) = tally_cli(&["sql", "--server", &tally.url, q]);
     assert!(ok, "{err}");
     assert!(out.contains("| jobs_done | data | 7.0   |"), "{out}");
     assert!(out.contains("(1 row)"), "{out}");
-    let (ok, out, _) = run(&["sql", "--server", &tally.url, "--format", "csv", q]);
+    let (ok, out, _) = tally_cli(&["sql", "--server", &tally.url, "--format", "csv", q]);
     assert!(ok);
     assert_eq!(out, "metric,team,value\njobs_done,data,7.0\n");
-    let (ok, _, err) = run(&["sql", "--server", &tally.url, "DROP TABLE metrics"]);
+    let (ok, _, err) = tally_cli(&["sql", "--server", &tally.url, "DROP TABLE metrics"]);
     assert!(!ok);
     assert!(err.contains("400") && err.contains("DROP"), "{err}");
 
     tally.stop().await;
     let data = dir.path().display().to_string();
-    let (ok, out, err) = run(&["sql", "--data", &data, "--format", "json", q]);
+    let (ok, out, err) = tally_cli(&["sql", "--data", &data, "--format", "json", q]);
     assert!(ok, "{err}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&out).unwrap(),
         json!([{"metric": "jobs_done", "team": "data", "value": 7.0}])
     );
-    let (ok, _, err) = run(&["sql", "--data", &data, "SELECT nope FROM metrics"]);
+    let (ok, _, err) = tally_cli(&["sql", "--data", &data, "SELECT nope FROM metrics"]);
     assert!(!ok);
     assert!(err.contains("nope"), "{err}");
 }
@@ -61,7 +46,7 @@ fn check_config_reports_every_problem() {
         "[server]\nlisten = \"nowhere\"\n[query]\nmax_rows = 0\ntimeout = \"soon\"\n[typo]\n",
     )
     .unwrap();
-    let (ok, _, err) = run(&["check-config", bad.to_str().unwrap()]);
+    let (ok, _, err) = tally_cli(&["check-config", bad.to_str().unwrap()]);
     assert!(!ok);
     for needle in [
         "4 problems",
@@ -74,12 +59,12 @@ fn check_config_reports_every_problem() {
     }
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tally.toml");
     let ingest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ingest");
-    let (ok, out, err) = run(&["check-config", shipped, "--jobs", ingest]);
+    let (ok, out, err) = tally_cli(&["check-config", shipped, "--jobs", ingest]);
     assert!(ok, "the shipped tally.toml and jobs must be valid: {err}");
     assert!(out.contains("tally.toml: ok"), "{out}");
     assert!(out.contains("1 job(s) ok, 0 problem(s)"), "{out}");
     std::fs::write(dir.path().join("bad_job.toml"), "kind = \"scrape\"\n").unwrap();
-    let (ok, _, err) = run(&[
+    let (ok, _, err) = tally_cli(&[
         "check-config",
         shipped,
         "--jobs",

@@ -1,12 +1,11 @@
 //! Scheduled ingestion inside the real binary: the shipped self-scrape job, the jobs API,
 //! `_tally.runs`, `tally jobs trigger --wait` and `tally ingest run`.
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{BIN, Tally, client, count, sql};
+use crate::support::{Tally, client, count, sql, tally_cli};
 
 fn repo_ingest() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../ingest").to_string()
@@ -34,19 +33,6 @@ async fn wait_for_run(url: &str, job: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("job {job} never succeeded");
-}
-
-fn tally(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
@@ -87,7 +73,7 @@ async fn shipped_self_scrape_runs_and_is_observable() {
     );
 
     // A script triggers and waits, like the seeds' ops scripts did with Airflow.
-    let (ok, out, err) = tally(&["jobs", "trigger", "tally_self", "--wait", "--server", &url]);
+    let (ok, out, err) = tally_cli(&["jobs", "trigger", "tally_self", "--wait", "--server", &url]);
     assert!(ok, "{err}");
     let id = out.trim().to_string();
     assert!(err.contains("succeeded"), "{err}");
@@ -151,7 +137,7 @@ async fn failing_jobs_and_runs_without_a_server() {
     let jobs_s = jobs.display().to_string();
     let srv = Tally::start(&data, &[("TALLY__SCHEDULER__JOBS_DIR", jobs_s.as_str())]).await;
     let url = srv.url.clone();
-    let (ok, _, err) = tally(&["jobs", "trigger", "down", "--wait", "--server", &url]);
+    let (ok, _, err) = tally_cli(&["jobs", "trigger", "down", "--wait", "--server", &url]);
     assert!(!ok, "a failed run exits non-zero");
     assert!(err.contains("failed"), "{err}");
     assert_eq!(
@@ -166,17 +152,17 @@ async fn failing_jobs_and_runs_without_a_server() {
     )
     .unwrap();
     let data_s = data.display().to_string();
-    let (ok, _, err) = tally(&[
+    let (ok, _, err) = tally_cli(&[
         "ingest", "run", "remote", "--data", &data_s, "--jobs", &jobs_s,
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("1 run, 0 failed"), "{err}");
-    let (ok, _, err) = tally(&[
+    let (ok, _, err) = tally_cli(&[
         "ingest", "run", "down", "--data", &data_s, "--jobs", &jobs_s,
     ]);
     assert!(!ok);
     assert!(err.contains("1 failed"), "{err}");
-    let (ok, _, err) = tally(&[
+    let (ok, _, err) = tally_cli(&[
         "ingest",
         "run",
         "remote",
@@ -189,7 +175,7 @@ async fn failing_jobs_and_runs_without_a_server() {
     ]);
     assert!(!ok);
     assert!(err.contains("reads only the present"), "{err}");
-    let (ok, _, err) = tally(&[
+    let (ok, _, err) = tally_cli(&[
         "ingest", "run", "nope", "--data", &data_s, "--jobs", &jobs_s,
     ]);
     assert!(!ok);

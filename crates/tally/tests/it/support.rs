@@ -127,6 +127,20 @@ impl Tally {
     }
 }
 
+/// Runs the `tally` CLI: (success, stdout, stderr).
+pub fn tally_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
