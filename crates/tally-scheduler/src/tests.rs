@@ -527,3 +527,58 @@ async fn run_history_is_kept_bounded() {
     assert_eq!(finished(&reloaded, "node").len(), 1);
     assert_eq!(reloaded.run_store().watermark("node"), Some(T0 + 3 * MIN));
 }
+
+#[tokio::test]
+async fn backfill_runs_each_interval_once_unless_reprocessed() {
+    use crate::Reprocess;
+    let e = env().await;
+    e.job("node", "every = \"1m\"\nretries = 0");
+    let s = e.scheduler(&[], &[]).await;
+    let ivs: Vec<(i64, i64)> = (0..4).map(|i| (T0 + i * MIN, T0 + (i + 1) * MIN)).collect();
+    let mut seen = Vec::new();
+    let done = s
+        .run_intervals("node", ivs[..3].to_vec(), Reprocess::None, |r, note| {
+            seen.push((r.interval_start, note.map(String::from)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 3);
+    assert!(
+        done.iter()
+            .all(|r| r.state == RunState::Succeeded && r.trigger == "backfill")
+    );
+    assert_eq!(seen.len(), 3);
+    e.target.mode.store(1, Ordering::SeqCst);
+    let failed = s
+        .run_intervals("node", ivs[3..].to_vec(), Reprocess::None, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(failed[0].state, RunState::Failed);
+    e.target.mode.store(0, Ordering::SeqCst);
+
+    let mut notes = Vec::new();
+    let again = s
+        .run_intervals("node", ivs.clone(), Reprocess::None, |_, n| {
+            notes.push(n.map(String::from))
+        })
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    assert_eq!(notes, vec![Some("already done".to_string()); 4]);
+    let retried = s
+        .run_intervals("node", ivs.clone(), Reprocess::Failed, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(
+        (retried[0].interval_start, retried[0].state),
+        (T0 + 3 * MIN, RunState::Succeeded)
+    );
+    let all = s
+        .run_intervals("node", ivs, Reprocess::All, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4);
+    // Four intervals, two series each, however often they ran.
+    assert_eq!(e.rows("node").await.len(), 8);
+}
