@@ -266,15 +266,27 @@ impl RunStore {
         Some(out)
     }
 
-    /// Persists a finished run, then publishes it. The table row comes first so a crash never
-    /// leaves a run that the API showed as finished but that history forgot.
+    /// Persists a finished run and publishes it. It is published even when persisting fails
+    /// (the error is returned): the run did finish, and a run stuck as "running" would block
+    /// its interval; after a restart the unrecorded interval is simply due again.
     pub async fn finish(&self, r: RunRecord) -> tally_storage::Result<()> {
-        let batch = to_batch(&r)?;
-        self.storage
-            .append(RUNS_TABLE, vec![batch], Some("queued_at"))
-            .await?;
+        let persisted = match to_batch(&r) {
+            Ok(batch) => self
+                .storage
+                .append(RUNS_TABLE, vec![batch], Some("queued_at"))
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e.into()),
+        };
         self.update(&r.id, |m| *m = r.clone());
-        Ok(())
+        persisted
+    }
+
+    /// Forgets a run that never finished (abandoned at shutdown), so nothing records its
+    /// interval as done and it is due again at the next start.
+    pub fn forget(&self, id: &str) {
+        self.runs.lock().retain(|r| r.id != id);
+        self.bump();
     }
 
     pub fn get(&self, job: &str, id: &str) -> Option<RunRecord> {

@@ -577,6 +577,9 @@ impl Scheduler {
         };
         let mut log = Vec::new();
         if let Err(reason) = self.wait_for_dependencies(&job, p.interval).await {
+            if inner.runs_cancel.is_cancelled() {
+                return self.abandon(&p.id);
+            }
             let r = self.update(&p.id, |r| {
                 r.state = RunState::Skipped;
                 r.error = Some(reason.clone());
@@ -619,6 +622,9 @@ impl Scheduler {
                 }
             }
         };
+        if outcome.is_err() && inner.runs_cancel.is_cancelled() {
+            return self.abandon(&p.id);
+        }
         let finished = inner.deps.clock.now();
         let r = self.update(&p.id, |r| {
             r.finished_at = Some(finished);
@@ -650,6 +656,15 @@ impl Scheduler {
             .runs
             .update(id, f)
             .unwrap_or_else(|| self.preview("?", (0, 0)))
+    }
+
+    /// A run cut short by shutdown is not a failure of its source: it is not recorded, so its
+    /// interval runs again at the next start.
+    fn abandon(&self, id: &str) -> RunRecord {
+        let r = self.update(id, |_| {});
+        self.inner.runs.forget(id);
+        warn!(job = %r.job, run = %r.id, "run abandoned at shutdown; its interval will run again");
+        r
     }
 
     async fn finish(&self, r: RunRecord) -> RunRecord {

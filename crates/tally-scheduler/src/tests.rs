@@ -582,3 +582,28 @@ async fn backfill_runs_each_interval_once_unless_reprocessed() {
     // Four intervals, two series each, however often they ran.
     assert_eq!(e.rows("node").await.len(), 8);
 }
+
+#[tokio::test]
+async fn shutdown_gives_a_grace_period_then_abandons_without_recording() {
+    let e = env().await;
+    e.target.mode.store(2, Ordering::SeqCst);
+    e.job("stuck", "every = \"1m\"\nretries = 0\ntimeout = \"1h\"");
+    let s = e.scheduler(&[], &[]).await;
+    let token = CancellationToken::new();
+    let looped = tokio::spawn(s.clone().run(token.clone(), Duration::from_millis(300)));
+    until(&s, "request", |_| e.target.hits.load(Ordering::SeqCst) == 1).await;
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), looped)
+        .await
+        .expect("the loop ends after its grace period")
+        .unwrap();
+    assert!(
+        s.run_store().list("stuck", 10).is_empty(),
+        "nothing recorded"
+    );
+    // At the next start the interval is due again.
+    let s = e.scheduler(&[], &[]).await;
+    assert_eq!(s.run_store().watermark("stuck"), None);
+    let job = s.job("stuck").unwrap().clone();
+    assert_eq!(s.due(&job, T0), vec![((T0, T0 + MIN), true)]);
+}
