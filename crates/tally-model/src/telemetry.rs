@@ -21,6 +21,7 @@ pub struct Telemetry {
     rows_rejected: Family<Labels, Counter>,
     queries: Family<Labels, Counter>,
     query_duration: Histogram,
+    runs: Family<Labels, Counter>,
     pub flushes: Counter,
     pub flush_errors: Counter,
     pub wal_bytes: Gauge,
@@ -40,6 +41,7 @@ impl Telemetry {
         let rows_written = Family::<Labels, Counter>::default();
         let rows_rejected = Family::<Labels, Counter>::default();
         let queries = Family::<Labels, Counter>::default();
+        let runs = Family::<Labels, Counter>::default();
         let query_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let flushes = Counter::default();
         let flush_errors = Counter::default();
@@ -61,6 +63,11 @@ impl Telemetry {
             rows_rejected.clone(),
         );
         registry.register("queries", "SQL queries, by outcome", queries.clone());
+        registry.register(
+            "runs",
+            "Ingestion runs finished, by job and final state",
+            runs.clone(),
+        );
         registry.register(
             "query_duration_seconds",
             "Time from receiving a SQL query to its last row",
@@ -93,6 +100,7 @@ impl Telemetry {
             rows_rejected,
             queries,
             query_duration,
+            runs,
             flushes,
             flush_errors,
             wal_bytes,
@@ -130,6 +138,15 @@ impl Telemetry {
             .get_or_create(&vec![("outcome", outcome.to_string())])
             .inc();
         self.query_duration.observe(seconds);
+    }
+
+    pub fn run_finished(&self, job: &str, state: &str) {
+        self.runs
+            .get_or_create(&vec![
+                ("job", job.to_string()),
+                ("state", state.to_string()),
+            ])
+            .inc();
     }
 
     /// The registry in Prometheus text exposition format 0.0.4 (OpenMetrics-compatible).

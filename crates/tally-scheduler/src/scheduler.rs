@@ -671,6 +671,11 @@ impl Scheduler {
         if let Err(e) = self.inner.runs.finish(r.clone()).await {
             warn!(job = %r.job, run = %r.id, error = %e, "recording the run failed; its interval will run again");
         }
+        self.inner
+            .deps
+            .storage
+            .telemetry()
+            .run_finished(&r.job, r.state.as_str());
         info!(job = %r.job, run = %r.id, state = r.state.as_str(), rows = r.rows_written,
               interval_start = %format_rfc3339(r.interval_start), "run finished");
         r

@@ -89,6 +89,20 @@ async fn shipped_self_scrape_runs_and_is_observable() {
     assert!(runs.len() >= 2);
     assert_eq!(runs[0]["id"], id.as_str(), "newest first");
 
+    // Runs are counted in Tally's own metrics.
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("tally_runs_total{job=\"tally_self\",state=\"succeeded\"}"),
+        "{text}"
+    );
+
     // Run history is a table too.
     let rows = sql(
         &url,
