@@ -387,7 +387,7 @@ mod tests {
 
     fn fixture(name: &str) -> String {
         std::fs::read_to_string(format!(
-            "{}/tests/fixtures/{name}",
+            "{}/../../tests/fixtures/prometheus/exposition/{name}",
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()
