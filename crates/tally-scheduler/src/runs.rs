@@ -82,6 +82,34 @@ pub struct RunRecord {
     pub log: Vec<String>,
 }
 
+impl RunRecord {
+    /// A run of `job` over `interval` that has not started.
+    pub fn new(
+        job: &str,
+        interval: (i64, i64),
+        trigger: &str,
+        state: RunState,
+        queued_at: i64,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            job: job.to_string(),
+            trigger: trigger.to_string(),
+            state,
+            attempt: 0,
+            interval_start: interval.0,
+            interval_end: interval.1,
+            queued_at,
+            started_at: None,
+            finished_at: None,
+            rows_written: 0,
+            rows_rejected: 0,
+            error: None,
+            log: Vec::new(),
+        }
+    }
+}
+
 fn ser_time<S: serde::Serializer>(t: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_rfc3339(*t))
 }

@@ -301,22 +301,8 @@ impl Scheduler {
     }
 
     pub(crate) fn plan(&self, job: &str, interval: (i64, i64), trigger: &str) -> RunRecord {
-        let r = RunRecord {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            job: job.to_string(),
-            trigger: trigger.to_string(),
-            state: RunState::Queued,
-            attempt: 0,
-            interval_start: interval.0,
-            interval_end: interval.1,
-            queued_at: self.inner.deps.clock.now(),
-            started_at: None,
-            finished_at: None,
-            rows_written: 0,
-            rows_rejected: 0,
-            error: None,
-            log: Vec::new(),
-        };
+        let now = self.inner.deps.clock.now();
+        let r = RunRecord::new(job, interval, trigger, RunState::Queued, now);
         self.inner.runs.insert(r.clone());
         r
     }
@@ -411,22 +397,11 @@ impl Scheduler {
         Ok(out)
     }
 
+    /// A record that was never run (an interval left alone, or a run that vanished).
     fn preview(&self, job: &str, iv: (i64, i64)) -> RunRecord {
         RunRecord {
             id: String::new(),
-            job: job.to_string(),
-            trigger: "backfill".into(),
-            state: RunState::Skipped,
-            attempt: 0,
-            interval_start: iv.0,
-            interval_end: iv.1,
-            queued_at: 0,
-            started_at: None,
-            finished_at: None,
-            rows_written: 0,
-            rows_rejected: 0,
-            error: None,
-            log: Vec::new(),
+            ..RunRecord::new(job, iv, "backfill", RunState::Skipped, 0)
         }
     }
 

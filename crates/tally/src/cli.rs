@@ -52,15 +52,22 @@ pub struct IngestRunArgs {
     pub common: CommonArgs,
     /// The job's name (its file stem unless the file sets `name`).
     pub job: String,
-    /// Start of a backfill range (RFC 3339).
-    #[arg(long)]
-    pub from: Option<String>,
-    /// End of a backfill range (RFC 3339, exclusive; default now).
-    #[arg(long)]
-    pub to: Option<String>,
+    #[command(flatten)]
+    pub range: RangeArgs,
     /// Also re-run intervals that already ran: `failed` (and skipped) or `all`.
     #[arg(long)]
     pub reprocess: Option<String>,
+}
+
+/// A backfill range; without it, the job's latest interval.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RangeArgs {
+    /// Start of the range (RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the range (RFC 3339, exclusive; default now).
+    #[arg(long)]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,10 +93,8 @@ pub struct TriggerArgs {
     #[command(flatten)]
     pub remote: RemoteArgs,
     pub job: String,
-    #[arg(long)]
-    pub from: Option<String>,
-    #[arg(long)]
-    pub to: Option<String>,
+    #[command(flatten)]
+    pub range: RangeArgs,
     /// Wait for the runs to finish; exit non-zero if any failed.
     #[arg(long)]
     pub wait: bool,

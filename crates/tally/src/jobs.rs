@@ -68,8 +68,8 @@ pub async fn ingest_run(args: IngestRunArgs) -> Result<ExitCode> {
         .context("opening storage")?,
     );
     let scheduler = build_scheduler(&config, &storage, None).await?;
-    let from = time("from", args.from.as_deref())?;
-    let to = time("to", args.to.as_deref())?;
+    let from = time("from", args.range.from.as_deref())?;
+    let to = time("to", args.range.to.as_deref())?;
     let intervals = scheduler.intervals(&args.job, from, to)?;
     let total = intervals.len();
     // A single latest-interval run always runs, even if it ran before.
@@ -169,10 +169,10 @@ pub async fn trigger(args: TriggerArgs) -> Result<ExitCode> {
     let (http, base) = client(&args.remote)?;
     let token = args.remote.token.as_deref();
     let mut body = serde_json::Map::new();
-    if let Some(f) = &args.from {
+    if let Some(f) = &args.range.from {
         body.insert("from".into(), Value::String(f.clone()));
     }
-    if let Some(t) = &args.to {
+    if let Some(t) = &args.range.to {
         body.insert("to".into(), Value::String(t.clone()));
     }
     let answer = call(
