@@ -24,6 +24,8 @@ pub async fn serve(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    // Everything that can fail at start-up fails before a task is spawned.
+    let scheduler = crate::jobs::build_scheduler(&config, &storage, Some(addr)).await?;
 
     let tracker = TaskTracker::new();
     let http_token = CancellationToken::new();
@@ -35,7 +37,6 @@ pub async fn serve(config: Config) -> Result<()> {
         .context("storage opened read-only")?;
     let flusher = tracker.spawn(Flusher::new(metrics).run(flush_token.clone()));
 
-    let scheduler = crate::jobs::build_scheduler(&config, &storage, Some(addr)).await?;
     let scheduler_token = CancellationToken::new();
     let scheduler_task = tracker.spawn(
         scheduler
@@ -45,7 +46,7 @@ pub async fn serve(config: Config) -> Result<()> {
 
     let state = AppState::new(Arc::clone(&config), Arc::clone(&storage)).with_scheduler(scheduler);
     let router = tally_server::router(state);
-    let server = tracker.spawn(tally_server::serve(
+    let mut server = tracker.spawn(tally_server::serve(
         listener,
         router,
         http_token.clone(),
@@ -54,10 +55,19 @@ pub async fn serve(config: Config) -> Result<()> {
     tracker.close();
     announce(addr);
 
-    shutdown_signal().await;
-    info!("shutting down: no new requests");
-    http_token.cancel();
-    if let Ok(Err(e)) = server.await {
+    // A signal, or the HTTP server dying on its own, starts the same ordered shutdown.
+    let server_result = tokio::select! {
+        () = shutdown_signal() => {
+            info!("shutting down: no new requests");
+            http_token.cancel();
+            server.await
+        }
+        r = &mut server => {
+            tracing::error!("the HTTP server stopped unexpectedly; shutting down");
+            r
+        }
+    };
+    if let Ok(Err(e)) = server_result {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
     info!("stopping the scheduler: no new runs");
