@@ -249,7 +249,11 @@ pub struct RunStore {
 impl RunStore {
     /// Loads the persisted history (newest [`MEMORY_RUNS`] runs) from storage.
     pub async fn load(storage: Arc<Storage>) -> tally_storage::Result<Self> {
-        let batches = storage.table(RUNS_TABLE)?.read("true").await?;
+        let table = storage.table(RUNS_TABLE)?;
+        // `_tally.runs` exists, empty, from the first start on, so dashboards never see
+        // "table not found".
+        table.ensure(runs_schema(), true).await?;
+        let batches = table.read("true").await?;
         let mut runs: Vec<RunRecord> = batches.iter().flat_map(from_batch).collect();
         runs.sort_by_key(|r| (r.queued_at, r.finished_at));
         let skip = runs.len().saturating_sub(MEMORY_RUNS);

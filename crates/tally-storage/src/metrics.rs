@@ -8,8 +8,6 @@ use arrow::array::RecordBatch;
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
-use deltalake_core::kernel::StructType;
-use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::protocol::SaveMode;
 use tally_model::config::WalConfig;
 use tally_model::schema::{
@@ -101,7 +99,7 @@ impl MetricsStore {
         telemetry: Arc<Telemetry>,
     ) -> Result<Self> {
         let handle = Arc::new(DeltaHandle::new(location, METRICS_TABLE)?);
-        create_if_missing(&handle).await?;
+        handle.ensure(metrics_schema(), true).await?;
         let dir = wal_dir(location, config);
         let app_id = format!("tally-wal-{}", node_id(&dir)?);
         let committed = handle.app_version(&app_id).await?;
@@ -224,35 +222,6 @@ impl MetricsStore {
             .set(self.handle.buffered_rows() as i64);
         self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
         Ok(rows)
-    }
-}
-
-async fn create_if_missing(handle: &DeltaHandle) -> Result<()> {
-    if handle.exists().await? {
-        return Ok(());
-    }
-    let schema: StructType =
-        metrics_schema()
-            .as_ref()
-            .try_into_kernel()
-            .map_err(|e| Error::SchemaMismatch {
-                table: METRICS_TABLE.into(),
-                reason: e.to_string(),
-            })?;
-    let created = handle
-        .create(
-            schema.fields().cloned().collect(),
-            vec![COL_DATE.to_string()],
-        )
-        .await;
-    match created {
-        Ok(()) => Ok(()),
-        // Another process may have created it first; that is just as good.
-        Err(e) if handle.exists().await.unwrap_or(false) => {
-            info!(error = %e, "metrics table was created concurrently");
-            Ok(())
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, Date32Array, Int64Array, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::logical_expr::{Expr, ident, lit};
 use datafusion::scalar::ScalarValue;
 use deltalake_core::kernel::transaction::CommitProperties;
@@ -225,8 +225,42 @@ impl DeltaHandle {
         s.buffered_rows = s.buffered.iter().map(|(_, b)| b.num_rows()).sum();
     }
 
+    /// Creates the table with `schema` (plus the `date` partition column when
+    /// `partition_by_date`) unless it exists, so readers find it, empty, before any write.
+    pub async fn ensure(&self, schema: SchemaRef, partition_by_date: bool) -> Result<()> {
+        use deltalake_core::kernel::StructType;
+        use deltalake_core::kernel::engine::arrow_conversion::TryFromArrow;
+        if self.exists().await? {
+            return Ok(());
+        }
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        if partition_by_date && schema.index_of(COL_DATE).is_err() {
+            fields.push(Field::new(COL_DATE, DataType::Date32, false));
+        }
+        let kernel = StructType::try_from_arrow(&Schema::new(fields)).map_err(|e| {
+            Error::SchemaMismatch {
+                table: self.name.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let partitions = if partition_by_date {
+            vec![COL_DATE.to_string()]
+        } else {
+            Vec::new()
+        };
+        match self
+            .create(kernel.fields().cloned().collect(), partitions)
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Another process may have created it first; that is just as good.
+            Err(_) if self.exists().await.unwrap_or(false) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates the table with a fixed schema; fails if it exists.
-    pub(crate) async fn create(
+    async fn create(
         &self,
         fields: Vec<deltalake_core::kernel::StructField>,
         partition_columns: Vec<String>,

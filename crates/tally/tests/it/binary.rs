@@ -56,6 +56,11 @@ async fn data_survives_a_clean_restart() {
     );
     let tally = Tally::start(dir.path(), &[]).await;
     assert_eq!(totals(&tally.url).await, (100, 100));
+    // Run history exists, empty, even with no job configured.
+    assert_eq!(
+        count(&tally.url, "SELECT count(*) FROM _tally.runs").await,
+        0
+    );
     tally.stop().await;
 }
 
