@@ -61,20 +61,6 @@ pub struct RunContext {
     pub cancel: CancellationToken,
 }
 
-impl RunContext {
-    pub fn for_tests(job: &str, start: i64, end: i64, now: i64) -> Self {
-        Self {
-            job: job.into(),
-            start,
-            end,
-            now,
-            http: reqwest::Client::new(),
-            timeout: Duration::from_secs(10),
-            cancel: CancellationToken::new(),
-        }
-    }
-}
-
 /// What one run produced for the `metrics` table.
 #[derive(Debug, Clone, Default)]
 pub struct Output {
@@ -97,8 +83,6 @@ pub enum Error {
     },
     #[error("cannot decode the response of {url}: {message}")]
     Decode { url: String, message: String },
-    #[error("invalid settings: {0}")]
-    Settings(String),
     #[error("cancelled")]
     Cancelled,
 }

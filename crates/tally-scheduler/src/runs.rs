@@ -356,14 +356,19 @@ impl RunStore {
             .max()
     }
 
-    /// The latest state of `job` for exactly this interval, if it ran or is running.
-    pub fn state_of(&self, job: &str, interval: (i64, i64)) -> Option<RunState> {
+    /// The latest run of `job` for exactly this interval, if it ran or is running.
+    pub fn find(&self, job: &str, interval: (i64, i64)) -> Option<RunRecord> {
         self.runs
             .lock()
             .iter()
             .rev()
             .find(|r| r.job == job && (r.interval_start, r.interval_end) == interval)
-            .map(|r| r.state)
+            .cloned()
+    }
+
+    /// The latest state of `job` for exactly this interval.
+    pub fn state_of(&self, job: &str, interval: (i64, i64)) -> Option<RunState> {
+        self.find(job, interval).map(|r| r.state)
     }
 
     /// Deletes history finished before `cutoff`; returns the rows deleted.

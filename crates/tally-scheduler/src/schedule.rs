@@ -94,14 +94,6 @@ impl Schedule {
         }
     }
 
-    /// When the run for the interval `[start, end)` is due.
-    pub fn due_at(interval: (i64, i64), rule: IntervalRule) -> i64 {
-        match rule {
-            IntervalRule::Past => interval.1,
-            IntervalRule::Present => interval.0,
-        }
-    }
-
     /// The intervals whose ticks fall in `[from, to)`, oldest first, at most `limit`.
     pub fn intervals_between(
         &self,

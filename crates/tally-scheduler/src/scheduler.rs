@@ -337,9 +337,8 @@ impl Scheduler {
     fn active_run(&self, job: &str, iv: (i64, i64)) -> Option<String> {
         self.inner
             .runs
-            .list(job, usize::MAX)
-            .into_iter()
-            .find(|r| (r.interval_start, r.interval_end) == iv && !r.state.is_terminal())
+            .find(job, iv)
+            .filter(|r| !r.state.is_terminal())
             .map(|r| r.id)
     }
 
