@@ -9,6 +9,8 @@
 
 pub mod exposition;
 mod kinds;
+pub mod pushgateway;
+pub mod remote_write;
 pub mod scrape;
 
 pub use kinds::{Error, IntervalRule, KindConfig, Output, RunContext};

@@ -54,6 +54,23 @@ pub fn series_id<'a>(metric: &str, labels: impl IntoIterator<Item = (&'a str, &'
     h as i64
 }
 
+/// Prometheus' metric name rule, `[a-zA-Z_:][a-zA-Z0-9_:]*`, which every Tally ingest path
+/// enforces so names stay usable in PromQL-minded tools and in SQL without quoting.
+pub fn valid_metric_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+}
+
+/// Prometheus' label name rule, `[a-zA-Z_][a-zA-Z0-9_]*`.
+pub fn valid_label_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
 impl Sample {
     pub fn series_id(&self) -> i64 {
         series_id(

@@ -9,6 +9,7 @@
 //! (arbitrary schemas, evolving on write), and the two write operations every ingestor uses:
 //! append, and replace the rows of `(source, interval)` atomically in one commit.
 
+mod dedupe;
 mod error;
 mod location;
 mod metadata;
@@ -25,6 +26,7 @@ use tally_model::config::{StorageConfig, WalConfig};
 use tally_model::schema::METRICS_TABLE;
 use tally_model::telemetry::Telemetry;
 
+pub use dedupe::WriteOutcome;
 pub use error::{Error, Result};
 pub use location::Location;
 pub use metadata::{METADATA_TABLE, MetricMetadata, metadata_schema};
@@ -132,6 +134,25 @@ impl Storage {
         let summary = self.table(table)?.replace(scope, batches).await?;
         self.telemetry.rows_written(table, summary.rows);
         Ok(summary)
+    }
+
+    /// A small state document kept beside the tables (under `_tally_state/`, never a table),
+    /// `None` when it was never written.
+    pub async fn read_state(&self, name: &str) -> Result<Option<bytes::Bytes>> {
+        let path = self.location.state_path(name);
+        match self.location.store().get(&path).await {
+            Ok(got) => Ok(Some(got.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces a state document in one put: object stores make it atomic, so a reader
+    /// sees the old or the new document, never a mix.
+    pub async fn write_state(&self, name: &str, contents: bytes::Bytes) -> Result<()> {
+        let path = self.location.state_path(name);
+        self.location.store().put(&path, contents.into()).await?;
+        Ok(())
     }
 
     /// Checks that the object store answers.

@@ -137,6 +137,11 @@ impl Location {
         self.base_path.clone().join(name)
     }
 
+    /// Where the state document `name` lives: beside the tables, in a folder that is not one.
+    pub fn state_path(&self, name: &str) -> Path {
+        self.base_path.clone().join("_tally_state").join(name)
+    }
+
     /// Folders under the base that hold a `_delta_log`.
     pub async fn list_tables(&self) -> Result<Vec<String>> {
         let listing = self

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::dedupe::{Dedupe, WriteOutcome};
 use crate::table::{DeltaHandle, commit_properties};
 use crate::wal::Wal;
 use crate::{Error, Location, Result};
@@ -34,6 +35,8 @@ pub struct MetricsStore {
     flush_interval: Duration,
     flush_wanted: Notify,
     flush_lock: Mutex<Option<u64>>,
+    /// Held from the duplicate check until the rows are in the WAL and the buffer.
+    dedupe: Mutex<Dedupe>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -134,6 +137,7 @@ impl MetricsStore {
             flush_interval: config.flush_interval,
             flush_wanted: Notify::new(),
             flush_lock: Mutex::new(None),
+            dedupe: Mutex::new(Dedupe::default()),
             telemetry,
         })
     }
@@ -142,17 +146,30 @@ impl MetricsStore {
         &self.handle
     }
 
-    /// Makes `batch` (in the `metrics` schema) durable and queryable. Returns after fsync.
-    pub async fn write(&self, batch: RecordBatch) -> Result<()> {
+    /// Makes the rows of `batch` (in the `metrics` schema) durable and queryable, except those
+    /// repeating a stored `(source, series_id, time)` (see [`crate::dedupe`]). Returns after
+    /// fsync.
+    pub async fn write(&self, batch: RecordBatch) -> Result<WriteOutcome> {
         if batch.schema() != metrics_schema() {
             return Err(Error::SchemaMismatch {
                 table: METRICS_TABLE.into(),
                 reason: "batch is not in the metrics schema".into(),
             });
         }
+        if batch.num_rows() == 0 {
+            return Ok(WriteOutcome::default());
+        }
+        let mut dedupe = self.dedupe.lock().await;
+        let (batch, duplicates) = dedupe.filter(&self.handle, batch).await?;
+        if duplicates > 0 {
+            self.telemetry.rows_rejected("duplicate", duplicates as u64);
+        }
         let n = batch.num_rows();
         if n == 0 {
-            return Ok(());
+            return Ok(WriteOutcome {
+                written: 0,
+                duplicates,
+            });
         }
         let buffered = self.handle.buffered_rows();
         if buffered + n > self.max_buffered_rows {
@@ -170,10 +187,14 @@ impl MetricsStore {
         self.telemetry.rows_written(METRICS_TABLE, n as u64);
         self.telemetry.buffered_rows.set(total as i64);
         self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
+        drop(dedupe);
         if total >= self.flush_rows {
             self.flush_wanted.notify_one();
         }
-        Ok(())
+        Ok(WriteOutcome {
+            written: n,
+            duplicates,
+        })
     }
 
     /// Commits every row acknowledged so far to Delta, in one commit. Returns the row count.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, Date32Array, Int64Array, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{Expr, ident, lit};
 use datafusion::scalar::ScalarValue;
 use deltalake_core::kernel::transaction::CommitProperties;
@@ -444,6 +445,32 @@ impl DeltaHandle {
             .map_err(df_err)?;
         batches.extend(view.buffered);
         Ok(batches)
+    }
+
+    /// The committed rows of `view` (its buffer is not read) that match `filter`, with
+    /// `columns` only, shaped further by `shape` (an aggregate, say).
+    pub(crate) async fn scan(
+        &self,
+        view: &TableView,
+        filter: Option<Expr>,
+        columns: &[&str],
+        shape: impl FnOnce(DataFrame) -> datafusion::error::Result<DataFrame>,
+    ) -> Result<Vec<RecordBatch>> {
+        let Some(table) = &view.table else {
+            return Ok(Vec::new());
+        };
+        let ctx = datafusion::prelude::SessionContext::new();
+        let df_err = |e: datafusion::error::DataFusionError| Error::InvalidWrite(e.to_string());
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::delta(&self.name, e))?;
+        let provider = table.table_provider().await.map_err(df_err)?;
+        let mut df = ctx.read_table(provider).map_err(df_err)?;
+        if let Some(f) = filter {
+            df = df.filter(f).map_err(df_err)?;
+        }
+        let df = shape(df.select_columns(columns).map_err(df_err)?).map_err(df_err)?;
+        df.collect().await.map_err(df_err)
     }
 
     /// The version last committed by `app_id` with [`CommitProperties`] application

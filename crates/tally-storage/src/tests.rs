@@ -300,3 +300,48 @@ async fn records_tables_are_created_and_evolve() {
     assert!(text.contains("| 3 | 1 |"), "{text}");
     assert!(storage.table("Bad-Name").is_err());
 }
+
+#[tokio::test]
+async fn repeated_rows_are_stored_once_from_buffer_delta_and_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path()).await;
+    let m = storage.metrics().unwrap();
+    let first = m.write(samples("push", 10, T0, 1_000_000)).await.unwrap();
+    assert_eq!((first.written, first.duplicates), (10, 0));
+
+    // A retry while the rows are only in the buffer.
+    let again = m.write(samples("push", 10, T0, 1_000_000)).await.unwrap();
+    assert_eq!((again.written, again.duplicates), (0, 10));
+
+    // The same points from another source are other rows.
+    let other = m.write(samples("other", 10, T0, 1_000_000)).await.unwrap();
+    assert_eq!(other.written, 10);
+
+    // After a flush the check reads Delta; an overlapping retry keeps only what is new,
+    // including an out-of-order point older than everything stored.
+    m.flush().await.unwrap();
+    let overlap = m.write(samples("push", 15, T0, 1_000_000)).await.unwrap();
+    assert_eq!((overlap.written, overlap.duplicates), (5, 10));
+    let older = m
+        .write(samples("push", 1, T0 - HOUR, 1_000_000))
+        .await
+        .unwrap();
+    assert_eq!(older.written, 1, "out-of-order but new");
+
+    // A restarted process knows nothing in memory: Delta statistics and the replayed WAL
+    // still stop the repeat, in one batch that also repeats a point within itself.
+    drop(storage);
+    let storage = open(dir.path()).await;
+    let m = storage.metrics().unwrap();
+    let mut twice = vec![samples("push", 16, T0, 1_000_000)];
+    twice.push(samples("push", 16, T0, 1_000_000));
+    let twice = arrow::compute::concat_batches(&twice[0].schema(), &twice).unwrap();
+    let after = m.write(twice).await.unwrap();
+    assert_eq!((after.written, after.duplicates), (1, 31));
+
+    let view = m.handle().view().await.unwrap();
+    let all = rows(&view).await;
+    assert_eq!(all.len(), 16 + 1 + 10);
+    let distinct: BTreeSet<(i64, String)> = all.iter().map(|(t, _, s)| (*t, s.clone())).collect();
+    assert_eq!(distinct.len(), all.len(), "no point stored twice");
+}

@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_model::time::{MAX_MICROS, MICROS_PER_MILLI, MIN_MICROS, now_micros, parse_rfc3339};
-use tally_model::{Sample, SampleBatchBuilder};
-use tally_storage::MetricMetadata;
+use tally_model::{Sample, SampleBatchBuilder, valid_label_name, valid_metric_name};
+use tally_storage::{MetricMetadata, WriteOutcome};
 
 use crate::routes::sql::body_error;
 use crate::{ApiError, AppState};
@@ -58,20 +58,6 @@ struct Item {
     metric_type: Option<Value>,
     description: Option<Value>,
     job: Option<Value>,
-}
-
-pub(crate) fn valid_metric_name(s: &str) -> bool {
-    let mut c = s.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
-}
-
-pub(crate) fn valid_label_name(s: &str) -> bool {
-    let mut c = s.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 fn valid_source(s: &str) -> bool {
@@ -316,16 +302,19 @@ async fn import(
     }
     // Metadata first: if it fails nothing is acknowledged and a retry doubles nothing.
     state.storage.record_metadata(metadata).await?;
-    let rows = builder.len();
-    if rows > 0 {
+    let mut outcome = WriteOutcome::default();
+    if !builder.is_empty() {
         let batch = builder.finish().map_err(|e| ApiError::internal(&e))?;
         let metrics = state
             .storage
             .metrics()
             .ok_or_else(|| ApiError::from(tally_storage::Error::ReadOnly))?;
-        metrics.write(batch).await?;
+        outcome = metrics.write(batch).await?;
     }
-    Ok((StatusCode::OK, Json(json!({"written": rows}))))
+    Ok((
+        StatusCode::OK,
+        Json(json!({"written": outcome.written, "duplicates": outcome.duplicates})),
+    ))
 }
 
 #[cfg(test)]

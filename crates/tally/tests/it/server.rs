@@ -33,7 +33,7 @@ async fn seeded() -> InProcess {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"written": 3}));
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"written": 3, "duplicates": 0}));
     s
 }
 

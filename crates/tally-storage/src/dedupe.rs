@@ -1,0 +1,260 @@
+//! At most one row per `(source, series_id, time)` among pushed samples.
+//!
+//! Senders retry: Prometheus resends a remote_write batch whose answer it never saw, a batch
+//! job re-pushes after a timeout. A row that repeats a stored `(source, series, time)` is
+//! dropped, whatever its value (first write wins, as in Prometheus' own TSDB).
+//!
+//! Checking every row against Delta would cost a read per push, so the check has a fast path:
+//! this process remembers, per series, a time at or after every stored row of that series
+//! (`newest`). Live traffic is newer than that and is accepted without a read. Only rows at
+//! or before it (retries, out-of-order or backfilled samples) are looked up, in the buffer
+//! and in Delta, with one bounded scan per push. Series this process has not seen yet start
+//! from `ceiling`, the newest time stored anywhere in the table when the process first
+//! wrote, which Delta's file statistics give without reading data.
+//!
+//! The check and the WAL append happen under one lock, so two concurrent retries of the same
+//! batch cannot both pass. `newest` is only ever a hint that errs high: a push whose WAL
+//! append fails leaves it raised, and its retry simply takes the slow path.
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use datafusion::prelude::{col, lit};
+use datafusion::scalar::ScalarValue;
+use tally_model::schema::{COL_DATE, COL_SERIES_ID, COL_SOURCE, COL_TIME, UTC};
+use tally_model::time::day_of;
+
+use crate::table::TableView;
+use crate::{DeltaHandle, Error, Result};
+
+#[derive(Debug, Default)]
+pub(crate) struct Dedupe {
+    /// Per source, per series: no stored row of the series is newer than this (µs).
+    newest: HashMap<String, HashMap<i64, i64>>,
+    /// No row stored before this process's first write is newer than this; `None` until read.
+    ceiling: Option<i64>,
+}
+
+/// What a write kept and dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub written: usize,
+    pub duplicates: usize,
+}
+
+type Key<'a> = (&'a str, i64, i64);
+
+struct Columns<'a> {
+    source: &'a arrow::array::StringArray,
+    series: &'a arrow::array::PrimitiveArray<Int64Type>,
+    time: &'a arrow::array::PrimitiveArray<TimestampMicrosecondType>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a RecordBatch) -> Result<Self> {
+        let get = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| Error::InvalidWrite(format!("batch has no {name} column")))
+        };
+        let bad = |name: &str| Error::InvalidWrite(format!("column {name} has the wrong type"));
+        Ok(Self {
+            source: get(COL_SOURCE)?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| bad(COL_SOURCE))?,
+            series: get(COL_SERIES_ID)?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or_else(|| bad(COL_SERIES_ID))?,
+            time: get(COL_TIME)?
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| bad(COL_TIME))?,
+        })
+    }
+
+    fn key(&self, i: usize) -> Key<'a> {
+        (
+            self.source.value(i),
+            self.series.value(i),
+            self.time.value(i),
+        )
+    }
+}
+
+impl Dedupe {
+    /// The rows of `batch` not stored yet (and not repeated within `batch`), and how many
+    /// were dropped. Records the kept rows as stored: call it only right before the append.
+    pub(crate) async fn filter(
+        &mut self,
+        handle: &DeltaHandle,
+        batch: RecordBatch,
+    ) -> Result<(RecordBatch, usize)> {
+        let n = batch.num_rows();
+        let ceiling = match self.ceiling {
+            Some(c) => c,
+            None => {
+                let c = stored_ceiling(&handle.view().await?, handle).await?;
+                self.ceiling = Some(c);
+                c
+            }
+        };
+        let cols = Columns::of(&batch)?;
+        let mut keep = vec![false; n];
+        let mut seen: HashSet<Key> = HashSet::with_capacity(n);
+        let mut suspects: Vec<usize> = Vec::new();
+        for (i, kept) in keep.iter_mut().enumerate() {
+            let key @ (source, series, time) = cols.key(i);
+            if !seen.insert(key) {
+                continue;
+            }
+            let newest = self.newest_mut(source, series, ceiling);
+            if time > *newest {
+                *newest = time;
+                *kept = true;
+            } else {
+                suspects.push(i);
+            }
+        }
+        if !suspects.is_empty() {
+            let stored = stored_among(handle, &cols, &suspects).await?;
+            for &i in &suspects {
+                let key @ (source, series, time) = cols.key(i);
+                if !stored.contains(&key) {
+                    keep[i] = true;
+                    let newest = self.newest_mut(source, series, ceiling);
+                    *newest = (*newest).max(time);
+                }
+            }
+        }
+        let kept = keep.iter().filter(|k| **k).count();
+        if kept == n {
+            return Ok((batch, 0));
+        }
+        let filtered = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        Ok((filtered, n - kept))
+    }
+
+    fn newest_mut(&mut self, source: &str, series: i64, ceiling: i64) -> &mut i64 {
+        if !self.newest.contains_key(source) {
+            self.newest.insert(source.to_string(), HashMap::new());
+        }
+        self.newest
+            .get_mut(source)
+            .map(|m| m.entry(series).or_insert(ceiling))
+            .expect("inserted above")
+    }
+}
+
+/// A time no stored row is newer than: the largest `max.time` in Delta's file statistics
+/// (rounded up a millisecond, since statistics may be truncated to milliseconds) and the
+/// newest buffered row. Falls back to reading the column when a file lacks statistics.
+async fn stored_ceiling(view: &TableView, handle: &DeltaHandle) -> Result<i64> {
+    let mut ceiling = i64::MIN;
+    for b in &view.buffered {
+        if let Some(max) = Columns::of(b)?.time.iter().flatten().max() {
+            ceiling = ceiling.max(max);
+        }
+    }
+    let Some(table) = &view.table else {
+        return Ok(ceiling);
+    };
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::delta(handle.name(), e))?;
+    let actions = snapshot
+        .add_actions_table(true)
+        .map_err(|e| Error::delta(handle.name(), e))?;
+    if actions.num_rows() == 0 {
+        return Ok(ceiling);
+    }
+    let stats = actions.column_by_name("max.time").and_then(|c| {
+        arrow::compute::cast(c, &arrow::datatypes::DataType::Int64)
+            .ok()
+            .filter(|c| c.null_count() == 0)
+    });
+    let from_files = match stats {
+        Some(max) => arrow::compute::max(max.as_primitive::<Int64Type>()).map(|m| m + 1_000),
+        None => {
+            let batches = handle
+                .scan(view, None, &[COL_TIME], |df| {
+                    df.aggregate(
+                        vec![],
+                        vec![datafusion::functions_aggregate::expr_fn::max(col(COL_TIME))],
+                    )
+                })
+                .await?;
+            batches
+                .first()
+                .filter(|b| b.num_rows() > 0)
+                .and_then(|b| {
+                    arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64).ok()
+                })
+                .and_then(|c| c.as_primitive::<Int64Type>().iter().flatten().next())
+        }
+    };
+    Ok(from_files.map_or(ceiling, |m| ceiling.max(m)))
+}
+
+/// The keys among `rows` of `cols` that are already stored, in the buffer or in Delta. One
+/// Delta scan per source, bounded by the rows' series, times and days.
+async fn stored_among<'a>(
+    handle: &DeltaHandle,
+    cols: &Columns<'a>,
+    rows: &[usize],
+) -> Result<HashSet<Key<'a>>> {
+    let wanted: HashSet<Key> = rows.iter().map(|&i| cols.key(i)).collect();
+    let lo = wanted.iter().map(|k| k.2).min().unwrap_or(i64::MIN);
+    let hi = wanted.iter().map(|k| k.2).max().unwrap_or(i64::MAX);
+    let mut by_point: HashMap<(i64, i64), Vec<&'a str>> = HashMap::new();
+    for k in &wanted {
+        by_point.entry((k.1, k.2)).or_default().push(k.0);
+    }
+    let mut found: HashSet<Key<'a>> = HashSet::new();
+    let mut note = |source: &str, series: i64, time: i64| {
+        if let Some(sources) = by_point.get(&(series, time)) {
+            for s in sources.iter().filter(|s| **s == source) {
+                found.insert((s, series, time));
+            }
+        }
+    };
+    // One view: its snapshot and buffer together hold every acknowledged row exactly once,
+    // even while a flush moves rows from one to the other.
+    let view = handle.view().await?;
+    for b in &view.buffered {
+        let c = Columns::of(b)?;
+        for i in 0..b.num_rows() {
+            let t = c.time.value(i);
+            if (lo..=hi).contains(&t) {
+                note(c.source.value(i), c.series.value(i), t);
+            }
+        }
+    }
+    if view.table.is_some() {
+        let mut by_source: HashMap<&str, HashSet<i64>> = HashMap::new();
+        for k in &wanted {
+            by_source.entry(k.0).or_default().insert(k.1);
+        }
+        let ts = |t: i64| lit(ScalarValue::TimestampMicrosecond(Some(t), Some(UTC.into())));
+        let day = |t: i64| lit(ScalarValue::Date32(Some(day_of(t))));
+        for (source, series) in by_source {
+            let filter = col(COL_SOURCE)
+                .eq(lit(source))
+                .and(col(COL_DATE).between(day(lo), day(hi)))
+                .and(col(COL_TIME).between(ts(lo), ts(hi)))
+                .and(col(COL_SERIES_ID).in_list(series.into_iter().map(lit).collect(), false));
+            let batches = handle
+                .scan(&view, Some(filter), &[COL_SERIES_ID, COL_TIME], Ok)
+                .await?;
+            for b in batches {
+                let series = b.column(0).as_primitive::<Int64Type>();
+                let times = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64)?;
+                let times = times.as_primitive::<Int64Type>();
+                for i in 0..b.num_rows() {
+                    note(source, series.value(i), times.value(i));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
