@@ -359,7 +359,7 @@ fn parse_sample(line: &str, format: Format) -> Result<ParsedSample, String> {
 }
 
 /// Go's ParseFloat spellings: `NaN`, `+Inf`, `-Inf`, exponents.
-fn parse_float(s: &str) -> Option<f64> {
+pub(crate) fn parse_float(s: &str) -> Option<f64> {
     match s {
         "NaN" => Some(f64::NAN),
         "+Inf" | "Inf" => Some(f64::INFINITY),

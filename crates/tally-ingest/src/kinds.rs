@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use serde::Deserialize;
+use tally_model::SampleBatchBuilder;
 use tokio_util::sync::CancellationToken;
 
+use crate::prometheus::{self, PrometheusConfig};
 use crate::scrape::{self, ScrapeConfig};
 
 /// A kind and its settings, as written in a job file (`kind = "scrape"` plus its keys).
@@ -13,12 +15,22 @@ use crate::scrape::{self, ScrapeConfig};
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KindConfig {
     Scrape(ScrapeConfig),
+    Prometheus(PrometheusConfig),
 }
 
 impl KindConfig {
     pub fn name(&self) -> &'static str {
         match self {
             KindConfig::Scrape(_) => "scrape",
+            KindConfig::Prometheus(_) => "prometheus",
+        }
+    }
+
+    /// Checks what the settings' types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            KindConfig::Scrape(_) => Ok(()),
+            KindConfig::Prometheus(c) => c.validate(),
         }
     }
 
@@ -27,6 +39,7 @@ impl KindConfig {
     pub fn interval_rule(&self) -> IntervalRule {
         match self {
             KindConfig::Scrape(_) => IntervalRule::Present,
+            KindConfig::Prometheus(_) => IntervalRule::Past,
         }
     }
 
@@ -34,6 +47,7 @@ impl KindConfig {
     pub async fn run(&self, ctx: &RunContext) -> Result<Output, Error> {
         match self {
             KindConfig::Scrape(c) => scrape::run(c, ctx).await,
+            KindConfig::Prometheus(c) => prometheus::run(c, ctx).await,
         }
     }
 }
@@ -69,6 +83,25 @@ pub struct Output {
     pub rejected: u64,
     /// Notes for the run log: what was skipped and why.
     pub log: Vec<String>,
+}
+
+impl Output {
+    /// Adds the samples of `builder` as one batch; `url` names the source in errors.
+    pub(crate) fn add_samples(
+        &mut self,
+        builder: SampleBatchBuilder,
+        url: &str,
+    ) -> Result<(), Error> {
+        self.rows += builder.len() as u64;
+        if !builder.is_empty() {
+            self.batches
+                .push(builder.finish().map_err(|e| Error::Decode {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                })?);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

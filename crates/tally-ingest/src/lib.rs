@@ -9,6 +9,7 @@
 
 pub mod exposition;
 mod kinds;
+pub mod prometheus;
 pub mod pushgateway;
 pub mod remote_write;
 pub mod scrape;

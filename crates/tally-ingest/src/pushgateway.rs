@@ -48,7 +48,7 @@ pub fn parse_grouping_path(path: &str) -> Result<GroupingKey, PushError> {
     if segments.first() != Some(&"job") && segments.first() != Some(&"job@base64") {
         return Err(bad("a push path starts with /metrics/job/<job>".into()));
     }
-    if segments.len() % 2 != 0 {
+    if !segments.len().is_multiple_of(2) {
         return Err(bad(format!(
             "label {} has no value (the path needs name/value pairs)",
             segments.last().unwrap_or(&"")

@@ -48,7 +48,7 @@ const LOG_LIMIT: usize = 5;
 
 /// The URL without credentials or query string, for errors and logs: a secret a user put
 /// there must not reach the run history.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_username("");
@@ -63,7 +63,7 @@ fn redact(url: &str) -> String {
 }
 
 /// An error with its causes ("error sending request: connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -163,14 +163,7 @@ pub async fn run(c: &ScrapeConfig, ctx: &RunContext) -> Result<Output, Error> {
             source: ctx.job.clone(),
         });
     }
-    out.rows = builder.len() as u64;
-    if !builder.is_empty() {
-        out.batches
-            .push(builder.finish().map_err(|e| Error::Decode {
-                url: shown.clone(),
-                message: e.to_string(),
-            })?);
-    }
+    out.add_samples(builder, &shown)?;
     out.log.push(format!(
         "scraped {} ({}): {} samples, {} rejected",
         shown, content_type, out.rows, out.rejected

@@ -31,6 +31,9 @@ pub struct JobSpec {
     pub enabled: bool,
     pub after: Vec<String>,
     pub pool: String,
+    /// How long after its interval ends a run starts, for sources that take time to hold
+    /// all of an interval's data (Prometheus' scrape and rule lag, say).
+    pub delay: Duration,
     /// The kind's settings as written, `${VAR}` unresolved.
     settings: toml::Table,
 }
@@ -62,9 +65,10 @@ struct Common {
     enabled: Option<bool>,
     after: Option<Vec<String>>,
     pool: Option<String>,
+    delay: Option<String>,
 }
 
-const COMMON_KEYS: [&str; 11] = [
+const COMMON_KEYS: [&str; 12] = [
     "name",
     "schedule",
     "every",
@@ -76,6 +80,7 @@ const COMMON_KEYS: [&str; 11] = [
     "enabled",
     "after",
     "pool",
+    "delay",
 ];
 
 fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration, String> {
@@ -163,6 +168,7 @@ impl JobSpec {
         // when a secret is missing.
         let kind = KindConfig::deserialize(toml::Value::Table(table.clone()))
             .map_err(|e| e.message().to_string())?;
+        kind.validate()?;
         let tz = c.timezone.as_deref().unwrap_or("UTC");
         let schedule = match (c.schedule.as_deref(), c.every.as_deref()) {
             (Some(expr), None) => Schedule::cron(expr, tz)?,
@@ -198,8 +204,26 @@ impl JobSpec {
             enabled: c.enabled.unwrap_or(true),
             after,
             pool: c.pool.unwrap_or_else(|| "default".into()),
+            delay: duration("delay", c.delay.as_deref(), Duration::ZERO)?,
             settings: table,
         })
+    }
+
+    fn delay_micros(&self) -> i64 {
+        i64::try_from(self.delay.as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// The schedule's clock: the tick whose interval is due at `now` is the last one at or
+    /// before `now - delay`.
+    pub fn schedule_time(&self, now: i64) -> i64 {
+        now.saturating_sub(self.delay_micros())
+    }
+
+    /// When the next run after `now` starts.
+    pub fn next_start_after(&self, now: i64) -> Option<i64> {
+        self.schedule
+            .next_after(self.schedule_time(now))
+            .map(|t| t.saturating_add(self.delay_micros()))
     }
 
     /// Variables the job needs that `vars` lacks; a job with any is not runnable.
@@ -301,7 +325,9 @@ mod tests {
         );
         let vars = BTreeMap::from([("TOKEN".to_string(), "s3cret".to_string())]);
         assert!(j.missing_variables(&vars).is_empty());
-        let KindConfig::Scrape(c) = j.resolve(&vars).unwrap();
+        let Ok(KindConfig::Scrape(c)) = j.resolve(&vars) else {
+            panic!("a scrape job resolves to its settings");
+        };
         assert_eq!(c.bearer_token.as_deref(), Some("s3cret"));
     }
 

@@ -208,8 +208,7 @@ impl Scheduler {
             .map(|j| {
                 let reason = self.not_runnable(j);
                 let next = j
-                    .schedule
-                    .next_after(now)
+                    .next_start_after(now)
                     .filter(|_| j.enabled && reason.is_none() && self.inner.config.enabled);
                 JobStatus {
                     name: j.name.clone(),
@@ -261,7 +260,7 @@ impl Scheduler {
             (None, None) => {
                 let tick = job
                     .schedule
-                    .last_at_or_before(now)
+                    .last_at_or_before(job.schedule_time(now))
                     .ok_or_else(|| Error::InvalidInterval("the schedule never ticks".into()))?;
                 Ok(job.schedule.interval(tick, job.rule).into_iter().collect())
             }
@@ -409,7 +408,7 @@ impl Scheduler {
     /// `catchup` intervals); present-reading kinds run the current interval and record up to
     /// `catchup` missed ones as skipped, so a gap shows in the history instead of hiding.
     pub(crate) fn due(&self, job: &JobSpec, now: i64) -> Vec<((i64, i64), bool)> {
-        let Some(last) = job.schedule.last_at_or_before(now) else {
+        let Some(last) = job.schedule.last_at_or_before(job.schedule_time(now)) else {
             return Vec::new();
         };
         let wm = self.inner.runs.watermark(&job.name);
@@ -516,7 +515,7 @@ impl Scheduler {
                 .jobs
                 .values()
                 .filter(|j| j.enabled && self.inner.config.enabled)
-                .filter_map(|j| j.schedule.next_after(now))
+                .filter_map(|j| j.next_start_after(now))
                 .min()
                 .unwrap_or(next_expiry)
                 .min(next_expiry);

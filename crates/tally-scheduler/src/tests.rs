@@ -321,6 +321,20 @@ async fn past_reading_jobs_catch_up_bounded_by_catchup() {
             ((T0 + 4 * hour, T0 + 5 * hour), true)
         ]
     );
+    // A delay moves when an interval is due, not what it covers.
+    job.delay = Duration::from_secs(600);
+    assert_eq!(
+        s.due(&job, T0 + 5 * hour + 5 * MIN).last(),
+        Some(&((T0 + 3 * hour, T0 + 4 * hour), true))
+    );
+    assert_eq!(
+        job.next_start_after(T0 + 5 * hour + 5 * MIN),
+        Some(T0 + 5 * hour + 10 * MIN)
+    );
+    assert_eq!(
+        s.due(&job, T0 + 5 * hour + 10 * MIN).last(),
+        Some(&((T0 + 4 * hour, T0 + 5 * hour), true))
+    );
 }
 
 #[tokio::test]

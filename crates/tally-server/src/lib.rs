@@ -37,6 +37,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Absent in processes that do not schedule (the jobs API then answers 503).
     pub scheduler: Option<Scheduler>,
+    /// Pushgateway groups, loaded from storage on the first push.
+    pub push_groups: Arc<tokio::sync::Mutex<Option<tally_ingest::pushgateway::Groups>>>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             engine,
             telemetry,
             scheduler: None,
+            push_groups: Arc::default(),
         }
     }
 
@@ -70,10 +73,13 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         auth::require_admin,
     ));
-    let write = routes::import::router().route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_write,
-    ));
+    let write = routes::import::router()
+        .merge(routes::remote_write::router())
+        .merge(routes::push::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_write,
+        ));
     Router::new()
         .merge(routes::health::router())
         .merge(read)

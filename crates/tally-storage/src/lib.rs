@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
+use object_store::ObjectStoreExt;
 use parking_lot::Mutex;
 use tally_model::config::{StorageConfig, WalConfig};
 use tally_model::schema::METRICS_TABLE;

@@ -322,6 +322,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn values_parse_exactly() {
+        // serde_json's default float parsing can be one ULP off; `float_roundtrip` is on.
+        let body = r#"{"name": "x", "value": 442.82759999999996}"#;
+        let (s, _) = parse_item(serde_json::from_str(body).unwrap(), "b", 1_000).unwrap();
+        assert_eq!(s.value, "442.82759999999996".parse::<f64>().unwrap());
+        assert_ne!(s.value, 442.8276);
+    }
+
+    #[test]
     fn items_are_validated() {
         let now = 1_000;
         let ok = parse_item(

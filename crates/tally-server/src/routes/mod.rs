@@ -1,6 +1,8 @@
 pub(crate) mod health;
 pub(crate) mod import;
 pub(crate) mod jobs;
+pub(crate) mod push;
+pub(crate) mod remote_write;
 pub(crate) mod sql;
 
 use axum::http::Uri;

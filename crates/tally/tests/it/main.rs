@@ -9,6 +9,7 @@
 mod binary;
 mod cli;
 mod jobs;
+mod prometheus;
 mod server;
 mod slt;
 mod support;

@@ -33,7 +33,10 @@ async fn seeded() -> InProcess {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"written": 3, "duplicates": 0}));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"written": 3, "duplicates": 0})
+    );
     s
 }
 
