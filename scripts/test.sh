@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages the tests start as real servers. None are needed yet: the spine's tests
-# use only the tally binary itself. Ingest issues add theirs here (e.g. prometheus).
-DEB_PACKAGES=()
-# Python packages used by tests as real clients. None yet.
-PY_PACKAGES=()
+# Debian packages the tests start as real servers (each test starts its own on 127.0.0.1
+# and stops it): Prometheus remote-writes into Tally and is pulled by it; node_exporter is
+# scraped.
+DEB_PACKAGES=(prometheus prometheus-node-exporter)
+# Python packages used by tests as real clients, as "pip-name:import-name".
+PY_PACKAGES=("prometheus-client:prometheus_client")
 
 missing_debs=()
 for pkg in "${DEB_PACKAGES[@]}"; do
@@ -21,10 +22,15 @@ if ((${#missing_debs[@]})); then
     log "installing Debian packages: ${missing_debs[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing_debs[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing_debs[@]}"
 fi
-for pkg in "${PY_PACKAGES[@]}"; do
-    python3 -c "import ${pkg%%[=<>]*}" 2>/dev/null || { log "installing $pkg"; python3 -m pip install -q "$pkg"; }
+for spec in "${PY_PACKAGES[@]}"; do
+    pip_name="${spec%%:*}"
+    import_name="${spec##*:}"
+    python3 -c "import $import_name" 2>/dev/null || {
+        log "installing $pip_name"
+        python3 -m pip install -q "$pip_name"
+    }
 done
 
 command -v cargo >/dev/null || { echo "cargo is not installed: install Rust with rustup first" >&2; exit 1; }

@@ -24,7 +24,8 @@ pub(crate) const SOURCE: &str = "pushgateway";
 const STATE_DOC: &str = "pushgateway.json";
 
 pub(crate) fn router() -> Router<AppState> {
-    Router::new().route("/metrics/job/{*rest}", put(push).post(push).delete(push))
+    // Everything below /metrics/, so a malformed grouping path gets its reason, not a 404.
+    Router::new().route("/metrics/{*rest}", put(push).post(push).delete(push))
 }
 
 fn bad(e: PushError) -> ApiError {

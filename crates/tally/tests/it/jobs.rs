@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Tally, client, count, sql, tally_cli};
+use crate::support::{Tally, assert_error, client, count, sql, tally_cli};
 
 fn repo_ingest() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../ingest").to_string()
@@ -125,14 +125,7 @@ async fn shipped_self_scrape_runs_and_is_observable() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 400);
-    let body: Value = resp.json().await.unwrap();
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("reads only the present")
-    );
+    assert_error(resp, 400, "reads only the present").await;
     tally_srv.stop().await;
 }
 

@@ -10,6 +10,7 @@ mod binary;
 mod cli;
 mod jobs;
 mod prometheus;
+mod pushgateway;
 mod server;
 mod slt;
 mod support;

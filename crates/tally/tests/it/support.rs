@@ -179,3 +179,18 @@ pub async fn import(url: &str, body: &Value) -> reqwest::Response {
         .await
         .unwrap()
 }
+
+/// Checks an error answer: its status, the `{"error","message"}` shape, and that the message
+/// says `needle`. Returns the message.
+pub async fn assert_error(resp: reqwest::Response, status: u16, needle: &str) -> String {
+    assert_eq!(
+        resp.status().as_u16(),
+        status,
+        "expected {status} for {needle}"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
+    let message = body["message"].as_str().unwrap().to_string();
+    assert!(message.contains(needle), "{message} should say {needle}");
+    message
+}
