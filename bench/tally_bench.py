@@ -3,15 +3,14 @@
 figures next to the reference systems' (from ANCHORS-MEASURED.md, same machine kind).
 
 Phases:
-  ingest   the 11.52 M samples, time-major, 2,000 samples per POST /api/v1/import request
-           (one scrape round of every series, as in the remote_write anchor), 4 connections;
+  ingest   the 11.52 M samples, time-major, 2,000 samples per request (one scrape round of
+           every series), 4 connections: by default the shared rw_sps1.bin remote_write bodies
+           sent to POST /api/v1/write exactly as the VictoriaMetrics anchor received them
+           (--protocol import sends the same rounds as JSON to /api/v1/import instead);
            samples/s, server CPU-s per million samples, request latency
   storage  bytes per sample of the metrics table after the final flush
   query    Q1-Q3 of the anchors in Tally SQL over HTTP (Arrow IPC out), median of 10 after
            1 warm-up, with the anchors' cross-checks (row counts, means)
-
-JSON import is the push path the spine has; remote_write (issue #4) is the protocol the
-VictoriaMetrics anchor used, so the ingest comparison is across protocols and says so.
 """
 import argparse
 import http.client
@@ -116,7 +115,22 @@ def bodies(parquet_path):
         yield json.dumps(items, separators=(",", ":")).encode(), len(items)
 
 
-def ingest(host, port, parquet_path, conc, proc):
+def rw_bodies(path):
+    """The shared stream: repeated [u32 LE length][snappy block WriteRequest]."""
+    with open(path, "rb") as f:
+        while True:
+            h = f.read(4)
+            if not h:
+                return
+            n = int.from_bytes(h, "little")
+            yield f.read(n), 2000
+
+
+RW_HEADERS = {"content-type": "application/x-protobuf", "content-encoding": "snappy",
+              "x-prometheus-remote-write-version": "0.1.0"}
+
+
+def ingest(host, port, source, conc, proc, protocol):
     q = queue.Queue(maxsize=conc * 4)
     lat = []
     sent = [0]
@@ -130,7 +144,10 @@ def ingest(host, port, parquet_path, conc, proc):
                 return
             body, n = item
             t = time.perf_counter()
-            request(conn, "POST", "/api/v1/import?job=bench", body, {"content-type": "application/json"})
+            if protocol == "remote_write":
+                request(conn, "POST", "/api/v1/write", body, RW_HEADERS)
+            else:
+                request(conn, "POST", "/api/v1/import?job=bench", body, {"content-type": "application/json"})
             with lock:
                 lat.append(time.perf_counter() - t)
                 sent[0] += n
@@ -140,7 +157,7 @@ def ingest(host, port, parquet_path, conc, proc):
     t0 = time.perf_counter()
     for th in threads:
         th.start()
-    for b in bodies(parquet_path):
+    for b in (rw_bodies(source) if protocol == "remote_write" else bodies(source)):
         q.put(b)
     for _ in threads:
         q.put(None)
@@ -189,14 +206,16 @@ def main():
     ap.add_argument("--conc", type=int, default=4)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--flush-rows", type=int, default=1_000_000)
+    ap.add_argument("--protocol", choices=["remote_write", "import"], default="remote_write")
     a = ap.parse_args()
+    source = os.path.join(a.workload, "rw_sps1.bin" if a.protocol == "remote_write" else "metrics_long.parquet")
 
     data = os.path.join(a.run, "data")
     subprocess.run(["rm", "-rf", data], check=True)
     p, host, port = start_tally(a.binary, data, a.flush_rows)
     proc = psutil.Process(p.pid)
     try:
-        ing = ingest(host, port, os.path.join(a.workload, "metrics_long.parquet"), a.conc, proc)
+        ing = ingest(host, port, source, a.conc, proc, a.protocol)
         rss = proc.memory_info().rss
         # An orderly stop flushes everything to Delta; then measure the table as stored.
         p.terminate()
@@ -211,8 +230,9 @@ def main():
         p.terminate()
         p.wait(timeout=120)
 
-    print(f"\n== ingest: POST /api/v1/import, 2,000 samples/request, {a.conc} connections ==")
-    print(f"Tally (this run, JSON import)                     {ing['samples_per_s'] / 1e6:.3f} M samples/s, "
+    path = "/api/v1/write (remote_write)" if a.protocol == "remote_write" else "/api/v1/import (JSON)"
+    print(f"\n== ingest: POST {path}, 2,000 samples/request, {a.conc} connections ==")
+    print(f"{'Tally (this run, ' + a.protocol + ')':<64}{ing['samples_per_s'] / 1e6:.3f} M samples/s, "
           f"{ing['server_cpu_s_per_M']:.2f} server CPU-s per M samples, p50 {ing['p50_ms']:.1f} ms, "
           f"p99 {ing['p99_ms']:.1f} ms, {ing['samples']:,} samples in {ing['wall_s']:.1f} s, RSS {rss / 2**20:.0f} MiB")
     for name, sps, cpu in ANCHORS["ingest"]:

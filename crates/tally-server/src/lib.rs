@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .merge(write)
         .merge(admin)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(
             state.config.server.max_body.as_usize(),
         ))

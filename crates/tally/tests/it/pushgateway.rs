@@ -266,6 +266,10 @@ async fn push_bodies_and_refusals() {
     .await;
     assert_eq!(n, 4);
 
+    // Reading a group is Pushgateway's job, not Tally's: SQL is the read side.
+    let get = push(reqwest::Method::GET, "loadtest").send().await.unwrap();
+    assert_error(get, 405, "GET is not allowed").await;
+
     let del = push(reqwest::Method::DELETE, "never-pushed")
         .send()
         .await
