@@ -159,17 +159,36 @@ impl MetricsStore {
         if batch.num_rows() == 0 {
             return Ok(WriteOutcome::default());
         }
-        let mut dedupe = self.dedupe.lock().await;
-        let (batch, duplicates) = dedupe.filter(&self.handle, batch).await?;
+        // The duplicate check and the WAL write form one step, so two retries of a batch
+        // cannot both pass; the fsync happens after, shared with concurrent writers.
+        let dedupe = self.dedupe.lock().await;
+        let (written, duplicates, end) = self.check_and_write(dedupe, batch).await?;
+        // Durable before acknowledged, also when every row was a duplicate of one another
+        // push wrote but has not yet fsynced.
+        self.wal.sync_to(end).await?;
         if duplicates > 0 {
             self.telemetry.rows_rejected("duplicate", duplicates as u64);
         }
+        if written > 0 {
+            self.telemetry.rows_written(METRICS_TABLE, written as u64);
+        }
+        Ok(WriteOutcome {
+            written,
+            duplicates,
+        })
+    }
+
+    /// Drops stored points from `batch` and writes the rest to the WAL (not yet fsynced) and
+    /// the buffer; returns (rows written, duplicates, WAL position to sync to).
+    async fn check_and_write(
+        &self,
+        mut dedupe: tokio::sync::MutexGuard<'_, Dedupe>,
+        batch: RecordBatch,
+    ) -> Result<(usize, usize, u64)> {
+        let (batch, duplicates) = dedupe.filter(&self.handle, batch).await?;
         let n = batch.num_rows();
         if n == 0 {
-            return Ok(WriteOutcome {
-                written: 0,
-                duplicates,
-            });
+            return Ok((0, duplicates, self.wal.written().await));
         }
         let buffered = self.handle.buffered_rows();
         if buffered + n > self.max_buffered_rows {
@@ -181,20 +200,17 @@ impl MetricsStore {
         }
         let payload = encode_ipc(&batch)?;
         let mut total = 0;
-        self.wal
-            .append(&payload, |seq| total = self.handle.buffer(seq, batch))
+        let end = self
+            .wal
+            .write(&payload, |seq| total = self.handle.buffer(seq, batch))
             .await?;
-        self.telemetry.rows_written(METRICS_TABLE, n as u64);
+        drop(dedupe);
         self.telemetry.buffered_rows.set(total as i64);
         self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
-        drop(dedupe);
         if total >= self.flush_rows {
             self.flush_wanted.notify_one();
         }
-        Ok(WriteOutcome {
-            written: n,
-            duplicates,
-        })
+        Ok((n, duplicates, end))
     }
 
     /// Commits every row acknowledged so far to Delta, in one commit. Returns the row count.

@@ -345,3 +345,31 @@ async fn repeated_rows_are_stored_once_from_buffer_delta_and_after_restart() {
     let distinct: BTreeSet<(i64, String)> = all.iter().map(|(t, _, s)| (*t, s.clone())).collect();
     assert_eq!(distinct.len(), all.len(), "no point stored twice");
 }
+
+#[tokio::test]
+async fn concurrent_retries_of_one_batch_store_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(open(dir.path()).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = Arc::clone(&storage);
+            tokio::spawn(async move {
+                s.metrics()
+                    .unwrap()
+                    .write(samples("push", 50, T0, 1_000_000))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut written = 0;
+    let mut duplicates = 0;
+    for t in tasks {
+        let o = t.await.unwrap();
+        written += o.written;
+        duplicates += o.duplicates;
+    }
+    assert_eq!((written, duplicates), (50, 350));
+    let view = storage.metrics().unwrap().handle().view().await.unwrap();
+    assert_eq!(rows(&view).await.len(), 50);
+}

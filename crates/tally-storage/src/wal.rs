@@ -183,7 +183,16 @@ impl Wal {
     /// Appends one record and returns once it is on disk. `on_written` runs with the segment
     /// number while the log is still locked, so a rotation cannot slip between the record
     /// landing in a segment and the caller noting which one.
+    #[cfg(test)]
     pub(crate) async fn append(&self, payload: &[u8], on_written: impl FnOnce(u64)) -> Result<()> {
+        let end = self.write(payload, on_written).await?;
+        self.sync_to(end).await
+    }
+
+    /// Writes one record without waiting for the disk; returns the log position to pass to
+    /// [`Self::sync_to`] before acknowledging it. Splitting the two lets a caller release its
+    /// own locks before the fsync, so concurrent writers share one.
+    pub(crate) async fn write(&self, payload: &[u8], on_written: impl FnOnce(u64)) -> Result<u64> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::WalPoisoned);
         }
@@ -194,25 +203,31 @@ impl Wal {
         frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         frame.extend_from_slice(payload);
 
-        let my_end = {
-            let mut a = self.active.lock().await;
-            let path = a.path.clone();
-            (&*a.file).write_all(&frame).map_err(|e| {
-                // A partial frame may be on disk; later frames would follow garbage.
-                self.poisoned.store(true, Ordering::Release);
-                io_err(&path, e)
-            })?;
-            a.written += frame.len() as u64;
-            a.records += 1;
-            self.live_bytes
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            on_written(a.seq);
-            a.written
-        };
-        self.sync_to(my_end).await
+        let mut a = self.active.lock().await;
+        let path = a.path.clone();
+        (&*a.file).write_all(&frame).map_err(|e| {
+            // A partial frame may be on disk; later frames would follow garbage.
+            self.poisoned.store(true, Ordering::Release);
+            io_err(&path, e)
+        })?;
+        a.written += frame.len() as u64;
+        a.records += 1;
+        self.live_bytes
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        on_written(a.seq);
+        Ok(a.written)
     }
 
-    async fn sync_to(&self, end: u64) -> Result<()> {
+    /// The position after the last record written so far (of the active segment).
+    pub(crate) async fn written(&self) -> u64 {
+        self.active.lock().await.written
+    }
+
+    /// Returns once everything up to `end` is on disk, sharing one fsync among waiters.
+    pub(crate) async fn sync_to(&self, end: u64) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::WalPoisoned);
+        }
         let mut synced = self.synced.lock().await;
         if *synced >= end {
             return Ok(());
