@@ -12,9 +12,9 @@
 //! from `ceiling`, the newest time stored anywhere in the table when the process first
 //! wrote, which Delta's file statistics give without reading data.
 //!
-//! The check and the WAL append happen under one lock, so two concurrent retries of the same
-//! batch cannot both pass. `newest` is only ever a hint that errs high: a push whose WAL
-//! append fails leaves it raised, and its retry simply takes the slow path.
+//! The check and the WAL write happen under one lock (the fsync after it), so two concurrent
+//! retries of the same batch cannot both pass. `newest` is only ever a hint that errs high: a
+//! push whose WAL write fails leaves it raised, and its retry simply takes the slow path.
 
 use std::collections::{HashMap, HashSet};
 
