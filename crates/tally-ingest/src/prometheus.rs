@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_model::time::{MICROS_PER_MILLI, MICROS_PER_SEC};
-use tally_model::{Sample, SampleBatchBuilder, valid_label_name, valid_metric_name};
+use tally_model::{SampleBatchBuilder, valid_label_name, valid_metric_name};
 
 use crate::exposition::parse_float;
 use crate::kinds::{Error, Output, RunContext};
@@ -137,7 +137,8 @@ pub async fn run(c: &PrometheusConfig, ctx: &RunContext) -> Result<Output, Error
     let endpoint = format!("{base}/api/v1/query_range");
     let shown = redact(&endpoint);
     let step = i64::try_from(c.step.as_micros()).unwrap_or(i64::MAX).max(1);
-    let step_param = format!("{}s", c.step.as_secs_f64());
+    // Float seconds: the API takes "1.5" where its duration syntax would refuse "1.5s".
+    let step_param = c.step.as_secs_f64().to_string();
     let spans = windows(ctx.start, ctx.end, step);
     let mut out = Output::default();
     let mut builder = SampleBatchBuilder::new();
@@ -227,6 +228,7 @@ pub async fn run(c: &PrometheusConfig, ctx: &RunContext) -> Result<Output, Error
                     }
                 }
                 labels.insert("query".into(), name.clone());
+                let series = builder.series(metric, labels, ctx.job.clone());
                 for (ts, raw) in s.values {
                     let time = (ts * 1000.0).round() as i64 * MICROS_PER_MILLI;
                     let value = parse_float(&raw).ok_or_else(|| Error::Decode {
@@ -238,13 +240,7 @@ pub async fn run(c: &PrometheusConfig, ctx: &RunContext) -> Result<Output, Error
                         continue;
                     }
                     points += 1;
-                    builder.push(Sample {
-                        time,
-                        metric: metric.clone(),
-                        labels: labels.clone(),
-                        value,
-                        source: ctx.job.clone(),
-                    });
+                    builder.point(series, time, value);
                 }
             }
         }
@@ -420,7 +416,7 @@ mod tests {
         let p = &calls.lock()[0];
         assert_eq!(p["start"], (T / MICROS_PER_SEC).to_string());
         assert_eq!(p["end"], (T / MICROS_PER_SEC + 45).to_string());
-        assert_eq!(p["step"], "15s");
+        assert_eq!(p["step"], "15");
         assert_eq!(p["authorization"], "Basic dTpw", "u:p");
         assert_eq!(p["x-scope-orgid"], "t1");
     }

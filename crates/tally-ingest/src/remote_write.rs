@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use tally_model::time::{MAX_MICROS, MICROS_PER_MILLI, MIN_MICROS};
-use tally_model::{Sample, SampleBatchBuilder, valid_label_name, valid_metric_name};
+use tally_model::{SampleBatchBuilder, valid_label_name, valid_metric_name};
 
 /// The NaN payload Prometheus writes when a series disappears. Compared bit for bit: NaN
 /// never equals anything, and an ordinary NaN sample has a different payload.
@@ -204,6 +204,9 @@ fn convert(req: WriteRequest, source: &str, limits: &Limits) -> Result<Decoded, 
         let Some(metric) = name else {
             return Err(invalid("series has no __name__ label".into()));
         };
+        let series = out
+            .samples
+            .series(metric.clone(), labels, source.to_string());
         for s in ts.samples {
             if s.value.to_bits() == STALE_NAN_BITS {
                 out.stale_markers += 1;
@@ -219,13 +222,7 @@ fn convert(req: WriteRequest, source: &str, limits: &Limits) -> Result<Decoded, 
                         s.timestamp
                     ))
                 })?;
-            out.samples.push(Sample {
-                time,
-                metric: metric.clone(),
-                labels: labels.clone(),
-                value: s.value,
-                source: source.to_string(),
-            });
+            out.samples.point(series, time, s.value);
         }
     }
     out.metadata = req

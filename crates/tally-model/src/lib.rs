@@ -11,4 +11,6 @@ pub mod size;
 pub mod telemetry;
 pub mod time;
 
-pub use sample::{Sample, SampleBatchBuilder, series_id, valid_label_name, valid_metric_name};
+pub use sample::{
+    Sample, SampleBatchBuilder, SeriesRef, series_id, valid_label_name, valid_metric_name,
+};

@@ -82,10 +82,28 @@ impl Sample {
 
 /// Collects samples and emits one `metrics` batch sorted by metric, series and time, the order
 /// that makes timestamps delta-encode and dictionary runs long in Parquet.
+///
+/// Sources that deliver several points per series (remote_write, query results) add the
+/// series once ([`Self::series`]) and then its points, so labels are neither cloned nor hashed
+/// per point.
 #[derive(Debug, Default)]
 pub struct SampleBatchBuilder {
-    rows: Vec<(i64, Sample)>,
+    series: Vec<SeriesEntry>,
+    /// (index into `series`, time, value)
+    rows: Vec<(u32, i64, f64)>,
 }
+
+#[derive(Debug)]
+struct SeriesEntry {
+    id: i64,
+    metric: String,
+    labels: BTreeMap<String, String>,
+    source: String,
+}
+
+/// A series added to a [`SampleBatchBuilder`].
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesRef(u32);
 
 impl SampleBatchBuilder {
     pub fn new() -> Self {
@@ -94,13 +112,39 @@ impl SampleBatchBuilder {
 
     pub fn with_capacity(n: usize) -> Self {
         Self {
+            series: Vec::with_capacity(n),
             rows: Vec::with_capacity(n),
         }
     }
 
+    /// Adds a series (its key is computed here, once) for [`Self::point`].
+    pub fn series(
+        &mut self,
+        metric: String,
+        labels: BTreeMap<String, String>,
+        source: String,
+    ) -> SeriesRef {
+        let id = series_id(
+            &metric,
+            labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        self.series.push(SeriesEntry {
+            id,
+            metric,
+            labels,
+            source,
+        });
+        // More than 4 G series in one batch would exhaust memory long before this wraps.
+        SeriesRef((self.series.len() - 1) as u32)
+    }
+
+    pub fn point(&mut self, series: SeriesRef, time: i64, value: f64) {
+        self.rows.push((series.0, time, value));
+    }
+
     pub fn push(&mut self, sample: Sample) {
-        let id = sample.series_id();
-        self.rows.push((id, sample));
+        let s = self.series(sample.metric, sample.labels, sample.source);
+        self.point(s, sample.time, sample.value);
     }
 
     pub fn len(&self) -> usize {
@@ -112,11 +156,13 @@ impl SampleBatchBuilder {
     }
 
     pub fn finish(mut self) -> Result<RecordBatch, ArrowError> {
-        self.rows.sort_by(|(ia, a), (ib, b)| {
+        let series = &self.series;
+        self.rows.sort_by(|(a, ta, _), (b, tb, _)| {
+            let (a, b) = (&series[*a as usize], &series[*b as usize]);
             a.metric
                 .cmp(&b.metric)
-                .then(ia.cmp(ib))
-                .then(a.time.cmp(&b.time))
+                .then(a.id.cmp(&b.id))
+                .then(ta.cmp(tb))
         });
         let n = self.rows.len();
         let mut labels = MapBuilder::with_capacity(
@@ -135,17 +181,18 @@ impl SampleBatchBuilder {
         let mut ids = Vec::with_capacity(n);
         let mut values = Vec::with_capacity(n);
         let mut dates = Vec::with_capacity(n);
-        for (id, s) in &self.rows {
-            time.push(s.time);
-            dates.push(day_of(s.time));
+        for &(i, t, v) in &self.rows {
+            let s = &series[i as usize];
+            time.push(t);
+            dates.push(day_of(t));
             metric.append_value(&s.metric);
             for (k, v) in &s.labels {
                 labels.keys().append_value(k);
                 labels.values().append_value(v);
             }
             labels.append(true)?;
-            ids.push(*id);
-            values.push(s.value);
+            ids.push(s.id);
+            values.push(v);
             source.append_value(&s.source);
         }
         let labels = labels.finish();
