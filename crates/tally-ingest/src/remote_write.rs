@@ -6,6 +6,7 @@
 //! exemplars are counted and not stored (classic histograms arrive as ordinary series).
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use tally_model::time::{MAX_MICROS, MICROS_PER_MILLI, MIN_MICROS};
 use tally_model::{SampleBatchBuilder, valid_label_name, valid_metric_name};
@@ -197,8 +198,13 @@ fn convert(req: WriteRequest, source: &str, limits: &Limits) -> Result<Decoded, 
             if l.value.is_empty() {
                 continue;
             }
-            if labels.insert(l.name.clone(), l.value).is_some() {
-                return Err(invalid(format!("label {} appears twice", l.name)));
+            match labels.entry(l.name) {
+                Entry::Vacant(e) => {
+                    e.insert(l.value);
+                }
+                Entry::Occupied(e) => {
+                    return Err(invalid(format!("label {} appears twice", e.key())));
+                }
             }
         }
         let Some(metric) = name else {

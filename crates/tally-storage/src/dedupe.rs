@@ -4,17 +4,18 @@
 //! job re-pushes after a timeout. A row that repeats a stored `(source, series, time)` is
 //! dropped, whatever its value (first write wins, as in Prometheus' own TSDB).
 //!
-//! Checking every row against Delta would cost a read per push, so the check has a fast path:
-//! this process remembers, per series, a time at or after every stored row of that series
-//! (`newest`). Live traffic is newer than that and is accepted without a read. Only rows at
-//! or before it (retries, out-of-order or backfilled samples) are looked up, in the buffer
-//! and in Delta, with one bounded scan per push. Series this process has not seen yet start
-//! from `ceiling`, the newest time stored anywhere in the table when the process first
-//! wrote, which Delta's file statistics give without reading data.
+//! Checking every row against Delta would cost a read per push, so this process remembers,
+//! per series, a time `since` and the exact times stored after it (the last few accepted,
+//! [`RECENT`]). A point newer than `since` is answered from memory: live traffic, and the
+//! reordering of concurrent requests, never read storage. Only points at or before `since`
+//! (late retries, backfills) are looked up, in the buffer and in Delta, with one bounded scan
+//! per push. A series this process has not seen starts at `ceiling`, the newest time stored
+//! anywhere in the table when the process first wrote, which Delta's file statistics give
+//! without reading data; nothing older than a restart is ever answered from memory.
 //!
 //! The check and the WAL write happen under one lock (the fsync after it), so two concurrent
-//! retries of the same batch cannot both pass. `newest` is only ever a hint that errs high: a
-//! push whose WAL write fails leaves it raised, and its retry simply takes the slow path.
+//! retries of the same batch cannot both pass. A write that fails is undone here, so its
+//! retry is not mistaken for a duplicate.
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,12 +30,82 @@ use tally_model::time::day_of;
 use crate::table::TableView;
 use crate::{DeltaHandle, Error, Result};
 
+/// Accepted times kept exactly per series: enough to absorb the reordering of concurrent
+/// requests (Prometheus shards, parallel pushers) without reading storage.
+const RECENT: usize = 8;
+
 #[derive(Debug, Default)]
 pub(crate) struct Dedupe {
-    /// Per source, per series: no stored row of the series is newer than this (µs).
-    newest: HashMap<String, HashMap<i64, i64>>,
+    /// Per source, per series: what this process knows of the series' stored times.
+    series: HashMap<String, HashMap<i64, Known>>,
     /// No row stored before this process's first write is newer than this; `None` until read.
     ceiling: Option<i64>,
+}
+
+/// Every stored row of the series newer than `since` has its time in `recent`.
+#[derive(Debug)]
+struct Known {
+    since: i64,
+    /// Ascending, at most [`RECENT`] long; all greater than `since`.
+    recent: Vec<i64>,
+}
+
+impl Known {
+    fn new(since: i64) -> Self {
+        Self {
+            since,
+            recent: Vec::with_capacity(1),
+        }
+    }
+
+    /// `Some(true)` when `t` is stored, `Some(false)` when it is not, `None` when only
+    /// storage can tell.
+    fn stored(&self, t: i64) -> Option<bool> {
+        (t > self.since).then(|| self.recent.binary_search(&t).is_ok())
+    }
+
+    /// Records `t` as stored. Forgetting the oldest time raises `since` to it, which keeps
+    /// the invariant: what falls out of `recent` is answered by storage again.
+    fn insert(&mut self, t: i64) {
+        if t <= self.since {
+            return;
+        }
+        if let Err(at) = self.recent.binary_search(&t) {
+            self.recent.insert(at, t);
+            if self.recent.len() > RECENT {
+                self.since = self.recent.remove(0);
+            }
+        }
+    }
+
+    /// Forgets `t` (a write that failed); `since` stays, which only sends more to storage.
+    fn remove(&mut self, t: i64) {
+        if let Ok(at) = self.recent.binary_search(&t) {
+            self.recent.remove(at);
+        }
+    }
+}
+
+/// Points recorded by [`Dedupe::filter`], to forget if their write fails.
+#[derive(Debug, Default)]
+pub(crate) struct Undo {
+    sources: Vec<String>,
+    /// (index into `sources`, series, time)
+    points: Vec<(usize, i64, i64)>,
+}
+
+impl Undo {
+    fn push(&mut self, source: &str, series: i64, time: i64) {
+        // A batch rarely holds more than one source.
+        let i = match self.sources.iter().position(|s| s == source) {
+            Some(i) => i,
+            None => {
+                self.sources.push(source.to_string());
+                self.sources.len() - 1
+            }
+        };
+        self.points.push((i, series, time));
+    }
 }
 
 /// What a write kept and dropped.
@@ -83,13 +154,14 @@ impl<'a> Columns<'a> {
 }
 
 impl Dedupe {
-    /// The rows of `batch` not stored yet (and not repeated within `batch`), and how many
-    /// were dropped. Records the kept rows as stored: call it only right before the append.
+    /// The rows of `batch` not stored yet (and not repeated within `batch`), how many were
+    /// dropped, and how to forget the kept ones if writing them fails. Records the kept rows
+    /// as stored: call it right before the write, under the same lock.
     pub(crate) async fn filter(
         &mut self,
         handle: &DeltaHandle,
         batch: RecordBatch,
-    ) -> Result<(RecordBatch, usize)> {
+    ) -> Result<(RecordBatch, usize, Undo)> {
         let n = batch.num_rows();
         let ceiling = match self.ceiling {
             Some(c) => c,
@@ -108,40 +180,49 @@ impl Dedupe {
             if !seen.insert(key) {
                 continue;
             }
-            let newest = self.newest_mut(source, series, ceiling);
-            if time > *newest {
-                *newest = time;
-                *kept = true;
-            } else {
-                suspects.push(i);
+            match self.known(source, series, ceiling).stored(time) {
+                Some(true) => {}
+                Some(false) => *kept = true,
+                None => suspects.push(i),
             }
         }
         if !suspects.is_empty() {
             let stored = stored_among(handle, &cols, &suspects).await?;
             for &i in &suspects {
-                let key @ (source, series, time) = cols.key(i);
-                if !stored.contains(&key) {
-                    keep[i] = true;
-                    let newest = self.newest_mut(source, series, ceiling);
-                    *newest = (*newest).max(time);
-                }
+                keep[i] = !stored.contains(&cols.key(i));
             }
         }
-        let kept = keep.iter().filter(|k| **k).count();
+        let mut undo = Undo::default();
+        for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+            let (source, series, time) = cols.key(i);
+            self.known(source, series, ceiling).insert(time);
+            undo.push(source, series, time);
+        }
+        let kept = undo.points.len();
         if kept == n {
-            return Ok((batch, 0));
+            return Ok((batch, 0, undo));
         }
         let filtered = filter_record_batch(&batch, &BooleanArray::from(keep))?;
-        Ok((filtered, n - kept))
+        Ok((filtered, n - kept, undo))
     }
 
-    fn newest_mut(&mut self, source: &str, series: i64, ceiling: i64) -> &mut i64 {
-        if !self.newest.contains_key(source) {
-            self.newest.insert(source.to_string(), HashMap::new());
+    /// Forgets the points of a write that failed, so its retry is not taken for a duplicate.
+    pub(crate) fn undo(&mut self, undo: Undo) {
+        for (i, series, time) in undo.points {
+            let source = &undo.sources[i];
+            if let Some(k) = self.series.get_mut(source).and_then(|m| m.get_mut(&series)) {
+                k.remove(time);
+            }
         }
-        self.newest
+    }
+
+    fn known(&mut self, source: &str, series: i64, ceiling: i64) -> &mut Known {
+        if !self.series.contains_key(source) {
+            self.series.insert(source.to_string(), HashMap::new());
+        }
+        self.series
             .get_mut(source)
-            .map(|m| m.entry(series).or_insert(ceiling))
+            .map(|m| m.entry(series).or_insert_with(|| Known::new(ceiling)))
             .expect("inserted above")
     }
 }
@@ -257,4 +338,31 @@ async fn stored_among<'a>(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_times_answer_exactly_above_since() {
+        let mut k = Known::new(100);
+        assert_eq!(k.stored(100), None, "at or before since: ask storage");
+        assert_eq!(k.stored(101), Some(false));
+        for t in [105, 103, 104, 101] {
+            k.insert(t);
+        }
+        assert_eq!(k.stored(103), Some(true));
+        assert_eq!(k.stored(102), Some(false), "a gap is known to be empty");
+        for t in 106..=112 {
+            k.insert(t);
+        }
+        // Eleven times were kept; the three oldest fell out and `since` rose past them.
+        assert_eq!(k.recent.len(), RECENT);
+        assert_eq!(k.since, 104);
+        assert_eq!(k.stored(103), None);
+        assert_eq!(k.stored(105), Some(true));
+        k.remove(112);
+        assert_eq!(k.stored(112), Some(false), "an undone write is not stored");
+    }
 }

@@ -185,11 +185,32 @@ impl MetricsStore {
         mut dedupe: tokio::sync::MutexGuard<'_, Dedupe>,
         batch: RecordBatch,
     ) -> Result<(usize, usize, u64)> {
-        let (batch, duplicates) = dedupe.filter(&self.handle, batch).await?;
+        let (batch, duplicates, undo) = dedupe.filter(&self.handle, batch).await?;
         let n = batch.num_rows();
         if n == 0 {
             return Ok((0, duplicates, self.wal.written().await));
         }
+        let mut total = 0;
+        let written = self.append_to_wal(batch, &mut total).await;
+        let end = match written {
+            Ok(end) => end,
+            Err(e) => {
+                dedupe.undo(undo);
+                return Err(e);
+            }
+        };
+        drop(dedupe);
+        self.telemetry.buffered_rows.set(total as i64);
+        self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
+        if total >= self.flush_rows {
+            self.flush_wanted.notify_one();
+        }
+        Ok((n, duplicates, end))
+    }
+
+    /// Writes `batch` to the WAL (no fsync) and the buffer; `total` gets the buffered rows.
+    async fn append_to_wal(&self, batch: RecordBatch, total: &mut usize) -> Result<u64> {
+        let n = batch.num_rows();
         let buffered = self.handle.buffered_rows();
         if buffered + n > self.max_buffered_rows {
             self.flush_wanted.notify_one();
@@ -199,18 +220,9 @@ impl MetricsStore {
             });
         }
         let payload = encode_ipc(&batch)?;
-        let mut total = 0;
-        let end = self
-            .wal
-            .write(&payload, |seq| total = self.handle.buffer(seq, batch))
-            .await?;
-        drop(dedupe);
-        self.telemetry.buffered_rows.set(total as i64);
-        self.telemetry.wal_bytes.set(self.wal.live_bytes() as i64);
-        if total >= self.flush_rows {
-            self.flush_wanted.notify_one();
-        }
-        Ok((n, duplicates, end))
+        self.wal
+            .write(&payload, |seq| *total = self.handle.buffer(seq, batch))
+            .await
     }
 
     /// Commits every row acknowledged so far to Delta, in one commit. Returns the row count.
