@@ -454,6 +454,15 @@ async fn tokens_guard_reads_and_writes() {
     assert_eq!(push(Some("writer")).await.unwrap().status(), 200);
     let rows: Value = query(Some("reader")).await.unwrap().json().await.unwrap();
     assert_eq!(rows, json!([{"n": 1}]));
+    // remote_write and Pushgateway pushes are writes too.
+    for (path, body) in [("/api/v1/write", ""), ("/metrics/job/x", "x 1\n")] {
+        let req = || client().post(format!("{}{path}", s.url)).body(body);
+        expect_error(req().send().await.unwrap(), 401, "unauthorized").await;
+        let resp = req().bearer_auth("reader").send().await.unwrap();
+        expect_error(resp, 403, "forbidden").await;
+        let resp = req().bearer_auth("writer").send().await.unwrap();
+        assert!(![401, 403].contains(&resp.status().as_u16()), "{path}");
+    }
     // Health stays open for load balancers.
     let health = client()
         .get(format!("{}/health", s.url))
