@@ -103,7 +103,6 @@ async fn push(
     let rows = match applied {
         Ok(group) => group.map(|g| g.samples(now, SOURCE)).unwrap_or_default(),
         Err(e) => {
-            state.telemetry.rows_rejected("push_invalid", 1);
             // Pushgateway records the failure time of a group it knows.
             if let Some(g) = groups.fail(&key, now) {
                 let rows = g.failure_samples(now, SOURCE);

@@ -82,7 +82,6 @@ async fn write(
     let decoded = match remote_write::decode(&body, SOURCE, &limits) {
         Ok(d) => d,
         Err(e) => {
-            state.telemetry.rows_rejected("remote_write_invalid", 1);
             let status = match e {
                 DecodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,
