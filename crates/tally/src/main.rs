@@ -10,6 +10,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Ingest is allocation-bound (decoded labels, Arrow builders, flush merges): glibc's malloc
+/// and free took a third of the CPU on the remote_write benchmark, and its per-thread arenas
+/// held on to memory after flushes.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
