@@ -163,8 +163,8 @@ impl MetricsStore {
         // cannot both pass; the fsync happens after, shared with concurrent writers.
         let dedupe = self.dedupe.lock().await;
         let (written, duplicates, end) = self.check_and_write(dedupe, batch).await?;
-        // Durable before acknowledged, also when every row was a duplicate of one another
-        // push wrote but has not yet fsynced.
+        // Durable before acknowledged, also when every row duplicated rows that another push
+        // wrote but has not fsynced yet.
         self.wal.sync_to(end).await?;
         if duplicates > 0 {
             self.telemetry.rows_rejected("duplicate", duplicates as u64);
