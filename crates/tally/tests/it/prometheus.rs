@@ -195,7 +195,12 @@ remote_write:
     .await;
 
     // Let Prometheus collect a little more than one 10 s interval.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let t1 = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus did not collect 25 s of its own samples within 3 minutes"
+        );
         let up = prom_api(
             &prom,
             "/api/v1/query",
