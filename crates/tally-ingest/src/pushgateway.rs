@@ -574,12 +574,7 @@ impl Group {
     /// `push_failure_time_seconds`.
     pub fn samples(&self, time: i64, source: &str) -> Vec<Sample> {
         let mut out = Vec::new();
-        let key: BTreeMap<String, String> = self
-            .key
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let key = self.key_labels();
         for f in &self.families {
             for s in &f.samples {
                 let mut labels = s.labels.clone();
@@ -604,6 +599,15 @@ impl Group {
         out
     }
 
+    /// The grouping key as stored labels: an empty value means no such label.
+    fn key_labels(&self) -> BTreeMap<String, String> {
+        self.key
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Only `push_failure_time_seconds`, for a refused push.
     pub fn failure_samples(&self, time: i64, source: &str) -> Vec<Sample> {
         let mut out = Vec::new();
@@ -615,12 +619,7 @@ impl Group {
         out.push(Sample {
             time,
             metric: "push_failure_time_seconds".into(),
-            labels: self
-                .key
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: self.key_labels(),
             value: self.last_failure as f64 / MICROS_PER_SEC as f64,
             source: source.to_string(),
         });

@@ -426,19 +426,13 @@ impl DeltaHandle {
     /// DataFusion. Empty when the table does not exist.
     pub async fn read(&self, filter: &str) -> Result<Vec<RecordBatch>> {
         let view = self.view().await?;
-        let Some(table) = view.table else {
+        let Some(table) = &view.table else {
             return Ok(view.buffered);
         };
-        let ctx = datafusion::prelude::SessionContext::new();
-        let df_err = |e: datafusion::error::DataFusionError| Error::InvalidWrite(e.to_string());
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| Error::delta(&self.name, e))?;
-        let provider = table.table_provider().await.map_err(df_err)?;
-        ctx.register_table("t", provider).map_err(df_err)?;
-        let mut batches = ctx
-            .sql(&format!("SELECT * FROM t WHERE {filter}"))
-            .await
+        let df = self.frame(table).await?;
+        let predicate = df.parse_sql_expr(filter).map_err(df_err)?;
+        let mut batches = df
+            .filter(predicate)
             .map_err(df_err)?
             .collect()
             .await
@@ -459,18 +453,22 @@ impl DeltaHandle {
         let Some(table) = &view.table else {
             return Ok(Vec::new());
         };
-        let ctx = datafusion::prelude::SessionContext::new();
-        let df_err = |e: datafusion::error::DataFusionError| Error::InvalidWrite(e.to_string());
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| Error::delta(&self.name, e))?;
-        let provider = table.table_provider().await.map_err(df_err)?;
-        let mut df = ctx.read_table(provider).map_err(df_err)?;
+        let mut df = self.frame(table).await?;
         if let Some(f) = filter {
             df = df.filter(f).map_err(df_err)?;
         }
         let df = shape(df.select_columns(columns).map_err(df_err)?).map_err(df_err)?;
         df.collect().await.map_err(df_err)
+    }
+
+    /// A DataFusion frame over one committed snapshot of this table.
+    async fn frame(&self, table: &DeltaTable) -> Result<DataFrame> {
+        let ctx = datafusion::prelude::SessionContext::new();
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::delta(&self.name, e))?;
+        let provider = table.table_provider().await.map_err(df_err)?;
+        ctx.read_table(provider).map_err(df_err)
     }
 
     /// The version last committed by `app_id` with [`CommitProperties`] application
@@ -486,6 +484,10 @@ impl DeltaHandle {
             .await
             .map_err(|e| Error::delta(&self.name, e))
     }
+}
+
+fn df_err(e: datafusion::error::DataFusionError) -> Error {
+    Error::InvalidWrite(e.to_string())
 }
 
 pub(crate) fn commit_properties(app_id: &str, version: i64) -> CommitProperties {
