@@ -28,6 +28,7 @@ pub struct Config {
     pub query: QueryConfig,
     pub wal: WalConfig,
     pub scheduler: SchedulerConfig,
+    pub grafana: GrafanaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +98,8 @@ pub struct QueryConfig {
     pub memory_limit: ByteSize,
     /// Rows one query may return; a larger result is an error, never a silent cut.
     pub max_rows: u64,
+    /// Folder of KPI files (`*.sql`, one KPI each), shown as views `kpi.<name>` and in Grafana.
+    pub kpi_dir: PathBuf,
 }
 
 impl Default for QueryConfig {
@@ -105,6 +108,7 @@ impl Default for QueryConfig {
             timeout: Duration::from_secs(30),
             memory_limit: ByteSize(1 << 30),
             max_rows: 1_000_000,
+            kpi_dir: PathBuf::from("queries"),
         }
     }
 }
@@ -164,6 +168,22 @@ impl SchedulerConfig {
     /// Concurrency of a pool; unknown pools get 1 so a typo cannot flood a source.
     pub fn pool_size(&self, pool: &str) -> usize {
         self.pools.get(pool).copied().unwrap_or(1).max(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrafanaConfig {
+    /// Path under which the Grafana JSON datasource API is served; the datasource URL is
+    /// `http://HOST:PORT<prefix>`.
+    pub prefix: String,
+}
+
+impl Default for GrafanaConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "/grafana".into(),
+        }
     }
 }
 
@@ -257,11 +277,12 @@ impl Config {
                 "query" => section(value, &field, &mut problems, &mut config.query),
                 "wal" => section(value, &field, &mut problems, &mut config.wal),
                 "scheduler" => section(value, &field, &mut problems, &mut config.scheduler),
+                "grafana" => section(value, &field, &mut problems, &mut config.grafana),
                 _ => problems.push(Problem {
                     field,
-                    message:
-                        "unknown section (expected storage, server, auth, query, wal or scheduler)"
-                            .into(),
+                    message: "unknown section (expected storage, server, auth, query, wal, \
+                              scheduler or grafana)"
+                        .into(),
                 }),
             }
         }
@@ -324,6 +345,20 @@ impl Config {
             bad(
                 "scheduler.webhooks",
                 "webhooks must be http:// or https:// URLs".into(),
+            );
+        }
+        let prefix = &self.grafana.prefix;
+        // The root would put Grafana's POST /metrics on top of Tally's own GET /metrics and
+        // the Pushgateway paths.
+        if !prefix.starts_with('/')
+            || prefix.len() < 2
+            || prefix.ends_with('/')
+            || prefix.contains("//")
+            || prefix.contains(['{', '}', '*', '?', '#'])
+        {
+            bad(
+                "grafana.prefix",
+                format!("'{prefix}' must be a path like /grafana (not the root, no trailing /)"),
             );
         }
         for (name, tokens) in [

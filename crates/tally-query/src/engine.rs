@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::datasource::ViewTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -23,10 +24,13 @@ use tokio::time::Sleep;
 use tracing::debug;
 
 use crate::provider::LiveTable;
-use crate::{Error, Result, check_read_only};
+use crate::{Error, KpiProblem, Kpis, Result, check_read_only};
 
 /// Schema holding Tally's own tables (`_tally.runs`).
 pub const SYSTEM_SCHEMA: &str = "_tally";
+
+/// Schema holding one view per KPI file (`kpi.signup_conversion`).
+pub const KPI_SCHEMA: &str = "kpi";
 
 /// How long a listing of the tables at the storage location is reused.
 const TABLE_LIST_TTL: Duration = Duration::from_secs(5);
@@ -37,6 +41,7 @@ pub struct QueryEngine {
     config: QueryConfig,
     telemetry: Arc<Telemetry>,
     tables: Mutex<Option<(Instant, Vec<String>)>>,
+    kpis: Arc<Kpis>,
 }
 
 /// A running query: its schema and a stream bounded by the configured limits.
@@ -61,7 +66,54 @@ impl QueryEngine {
             config,
             telemetry,
             tables: Mutex::new(None),
+            kpis: Arc::default(),
         }
+    }
+
+    /// Serves `kpis` as views `kpi.<name>` (and to the Grafana API).
+    pub fn with_kpis(mut self, kpis: Kpis) -> Self {
+        self.kpis = Arc::new(kpis);
+        self
+    }
+
+    pub fn kpis(&self) -> &Arc<Kpis> {
+        &self.kpis
+    }
+
+    /// Plans every KPI against the tables as they are now; the ones that do not plan are
+    /// reported with their path and line (a table that does not exist yet is one reason).
+    pub async fn check_kpis(&self) -> Vec<KpiProblem> {
+        let ctx = match self.session_with(false).await {
+            Ok(c) => c,
+            Err(e) => {
+                return vec![KpiProblem {
+                    path: "queries".into(),
+                    line: 0,
+                    message: format!("cannot open a session to check KPIs: {e}"),
+                }];
+            }
+        };
+        let mut problems = Vec::new();
+        for kpi in self.kpis.iter() {
+            let planned = match kpi.view_sql() {
+                Ok(sql) => ctx
+                    .state()
+                    .create_logical_plan(&sql)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::from_datafusion(e).to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(message) = planned {
+                let (line, message) = crate::kpi::locate(&message);
+                problems.push(KpiProblem {
+                    path: kpi.path.clone(),
+                    line: kpi.sql_line + line.unwrap_or(1) - 1,
+                    message,
+                });
+            }
+        }
+        problems
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
@@ -95,9 +147,15 @@ impl QueryEngine {
         Ok(names)
     }
 
-    /// A fresh session with every table registered: the one production path to a
+    /// A fresh session with every table and KPI view registered: the one production path to a
     /// `SessionContext`, used by HTTP, Grafana, the CLI and the `.slt` tests alike.
     pub async fn session(&self) -> Result<SessionContext> {
+        self.session_with(true).await
+    }
+
+    /// Planning the KPI views costs a few milliseconds, so only queries that may read them
+    /// get them.
+    async fn session_with(&self, kpi_views: bool) -> Result<SessionContext> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("tally", "public");
@@ -137,7 +195,32 @@ impl QueryEngine {
                 }
             }
         }
+        if kpi_views && !self.kpis.is_empty() {
+            self.register_kpi_views(&ctx).await?;
+        }
         Ok(ctx)
+    }
+
+    async fn register_kpi_views(&self, ctx: &SessionContext) -> Result<()> {
+        let schema = Arc::new(MemorySchemaProvider::new());
+        ctx.catalog("tally")
+            .ok_or_else(|| Error::InvalidQuery("catalog tally is missing".into()))?
+            .register_schema(KPI_SCHEMA, Arc::clone(&schema) as _)?;
+        for kpi in self.kpis.iter() {
+            // A KPI that does not plan (reported at start-up) is left out, so it cannot take
+            // the other views down; querying it says the table does not exist.
+            let Ok(sql) = kpi.view_sql() else { continue };
+            match ctx.state().create_logical_plan(&sql).await {
+                Ok(plan) => {
+                    schema.register_table(
+                        kpi.name.clone(),
+                        Arc::new(ViewTable::new(plan, Some(sql))),
+                    )?;
+                }
+                Err(e) => debug!(kpi = %kpi.name, error = %e, "KPI view does not plan"),
+            }
+        }
+        Ok(())
     }
 
     /// Checks, plans and starts one read-only query under the configured limits.
@@ -155,7 +238,7 @@ impl QueryEngine {
         check_read_only(sql)?;
         let timeout = self.config.timeout;
         let plan = async {
-            let ctx = self.session().await?;
+            let ctx = self.session_with(mentions_kpi(sql)).await?;
             let options = SQLOptions::new()
                 .with_allow_ddl(false)
                 .with_allow_dml(false)
@@ -191,6 +274,10 @@ impl QueryEngine {
             stream: Box::pin(RecordBatchStreamAdapter::new(schema, bounded)),
         })
     }
+}
+
+fn mentions_kpi(sql: &str) -> bool {
+    sql.to_ascii_lowercase().contains(KPI_SCHEMA)
 }
 
 fn outcome(e: &Error) -> &'static str {

@@ -10,9 +10,14 @@ mod engine;
 mod error;
 pub mod format;
 mod guard;
+pub mod kpi;
+pub mod macros;
 mod provider;
+pub mod series;
 
 pub use engine::{QueryEngine, QueryResult};
 pub use error::{Error, Result};
 pub use format::Format;
 pub use guard::check_read_only;
+pub use kpi::{Kpi, KpiProblem, Kpis};
+pub use macros::MacroContext;

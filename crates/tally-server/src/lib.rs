@@ -55,6 +55,14 @@ impl AppState {
         }
     }
 
+    /// Serves `kpis` (views `kpi.<name>`, Grafana targets `kpi.<name>`).
+    pub fn with_kpis(mut self, kpis: tally_query::Kpis) -> Self {
+        self.engine = Arc::new(
+            QueryEngine::new(Arc::clone(&self.storage), self.config.query.clone()).with_kpis(kpis),
+        );
+        self
+    }
+
     pub fn with_scheduler(mut self, scheduler: Scheduler) -> Self {
         self.scheduler = Some(scheduler);
         self
@@ -65,6 +73,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let read = routes::sql::router()
         .merge(routes::jobs::read_router())
+        .merge(routes::grafana::router(&state.config.grafana.prefix))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_read,

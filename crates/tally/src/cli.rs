@@ -143,6 +143,53 @@ pub struct SqlArgs {
     pub sql: String,
 }
 
+/// Parses every KPI file and plans it against the standard tables (empty, in memory), so
+/// unknown columns and functions show up before a dashboard asks. Returns the problem count.
+#[allow(clippy::print_stdout)]
+async fn check_kpis(config: &Config) -> usize {
+    let dir = &config.query.kpi_dir;
+    let mut kpis = tally_query::Kpis::load_dir(dir);
+    let mut problems: Vec<String> = kpis.problems.iter().map(ToString::to_string).collect();
+    let storage = tally_storage::Storage::open(
+        &tally_model::config::StorageConfig {
+            url: "memory://".into(),
+            ..Default::default()
+        },
+        &config.wal,
+        tally_storage::Mode::ReadOnly,
+        tally_model::telemetry::Telemetry::shared(),
+    )
+    .await;
+    let loaded = kpis.len();
+    match storage {
+        Ok(storage) => {
+            let engine =
+                tally_query::QueryEngine::new(std::sync::Arc::new(storage), config.query.clone())
+                    .with_kpis(std::mem::take(&mut kpis));
+            for p in engine.check_kpis().await {
+                // Tables other than `metrics` exist once their job has run; that is not a
+                // mistake in the file.
+                if p.message.contains("not found") && !p.message.contains("metrics") {
+                    println!("{p} (checked again when Tally starts)");
+                } else {
+                    problems.push(p.to_string());
+                }
+            }
+        }
+        Err(e) => problems.push(format!("cannot check KPI queries: {e}")),
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    println!(
+        "{}: {} KPI(s) loaded, {} problem(s)",
+        dir.display(),
+        loaded,
+        problems.len()
+    );
+    problems.len()
+}
+
 /// Defaults, then the file, then `TALLY__*` variables, then flags.
 pub fn load_config(common: &CommonArgs) -> Result<Config> {
     let mut config = Config::load(common.config.as_deref(), std::env::vars())?;
@@ -173,7 +220,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sql(args) => crate::sql::run(args).await,
-        Command::CheckConfig { file, jobs } => Ok(check_config(&file, jobs.as_deref())),
+        Command::CheckConfig { file, jobs } => Ok(check_config(&file, jobs.as_deref()).await),
         Command::Ingest(IngestCommand::Run(args)) => crate::jobs::ingest_run(args).await,
         Command::Jobs(JobsCommand::Trigger(args)) => crate::jobs::trigger(args).await,
         Command::Jobs(JobsCommand::List(args)) => crate::jobs::list(args).await,
@@ -181,7 +228,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 #[allow(clippy::print_stdout)]
-fn check_config(file: &Path, jobs: Option<&Path>) -> ExitCode {
+async fn check_config(file: &Path, jobs: Option<&Path>) -> ExitCode {
     let config = match Config::load(Some(file), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -201,7 +248,8 @@ fn check_config(file: &Path, jobs: Option<&Path>) -> ExitCode {
         loaded.len(),
         problems.len()
     );
-    if problems.is_empty() {
+    let kpi_problems = check_kpis(&config).await;
+    if problems.is_empty() && kpi_problems == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -44,7 +44,15 @@ pub async fn serve(config: Config) -> Result<()> {
             .run(scheduler_token.clone(), config.server.shutdown_timeout),
     );
 
-    let state = AppState::new(Arc::clone(&config), Arc::clone(&storage)).with_scheduler(scheduler);
+    let kpis = load_kpis(&config);
+    let state = AppState::new(Arc::clone(&config), Arc::clone(&storage))
+        .with_kpis(kpis)
+        .with_scheduler(scheduler);
+    // KPIs that parse but do not plan (an unknown column, a table not written yet) are
+    // reported once, with their file and line; they stay listed and answer with the error.
+    for p in state.engine.check_kpis().await {
+        tracing::warn!("KPI does not plan: {p}");
+    }
     let router = tally_server::router(state);
     let mut server = tracker.spawn(tally_server::serve(
         listener,
@@ -79,6 +87,21 @@ pub async fn serve(config: Config) -> Result<()> {
     tracker.wait().await;
     info!("stopped");
     Ok(())
+}
+
+/// Loads `queries/`: a broken file is logged with its path and line and left out; the
+/// other KPIs load.
+fn load_kpis(config: &Config) -> tally_query::Kpis {
+    let kpis = tally_query::Kpis::load_dir(&config.query.kpi_dir);
+    for p in &kpis.problems {
+        tracing::warn!("KPI file skipped: {p}");
+    }
+    info!(
+        count = kpis.len(),
+        dir = %config.query.kpi_dir.display(),
+        "KPIs loaded"
+    );
+    kpis
 }
 
 /// One line on stdout that scripts and tests can wait for.

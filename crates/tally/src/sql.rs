@@ -49,7 +49,8 @@ async fn local(args: &SqlArgs, out: Output) -> Result<()> {
     )
     .await
     .context("opening storage")?;
-    let engine = QueryEngine::new(Arc::new(storage), config.query.clone());
+    let engine = QueryEngine::new(Arc::new(storage), config.query.clone())
+        .with_kpis(tally_query::Kpis::load_dir(&config.query.kpi_dir));
     let result = engine.execute(&args.sql).await?;
     match out {
         Output::Table => {

@@ -1,3 +1,4 @@
+pub(crate) mod grafana;
 pub(crate) mod health;
 pub(crate) mod import;
 pub(crate) mod jobs;

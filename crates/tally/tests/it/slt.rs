@@ -136,32 +136,186 @@ async fn seed(storage: &Storage) {
     }
 }
 
-#[tokio::test]
-async fn slt_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(
-        &StorageConfig {
-            url: dir.path().join("data").display().to_string(),
-            ..Default::default()
-        },
-        &WalConfig::default(),
-        Mode::ReadWrite,
-        Telemetry::shared(),
-    )
-    .await
-    .unwrap();
-    seed(&storage).await;
-    let db = Db {
-        engine: Arc::new(QueryEngine::new(Arc::new(storage), QueryConfig::default())),
+/// Inputs of the shipped KPIs (`queries/*.sql`), with the expected values worked out by hand
+/// in `tests/slt/kpi/kpis.slt`.
+async fn seed_kpis(storage: &Storage) {
+    const H: i64 = 60 * MIN;
+    const DAY: i64 = 24 * H;
+    // 2024-03-01T00:00:00Z
+    let d0 = T0 + 60 * DAY;
+    let at = |y: i32, mo: u32, d: u32, h: u32| {
+        chrono::NaiveDate::from_ymd_opt(y, mo, d)
+            .unwrap()
+            .and_hms_opt(h, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_micros()
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/slt");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
+    let mut early = Vec::new();
+    let mut late = Vec::new();
+    // Signups: a counter sampled every 6 h that restarts on day 2, plus a second database.
+    for (t, v) in [
+        (at(2024, 2, 29, 18), 100.0),
+        (at(2024, 3, 1, 0), 110.0),
+        (at(2024, 3, 1, 6), 120.0),
+        (at(2024, 3, 1, 12), 125.0),
+        (at(2024, 3, 1, 18), 130.0),
+        (at(2024, 3, 2, 0), 140.0),
+        (at(2024, 3, 2, 6), 5.0),
+        (at(2024, 3, 2, 12), 15.0),
+        (at(2024, 3, 2, 18), 20.0),
+        (at(2024, 3, 3, 0), 26.0),
+        (at(2024, 3, 3, 12), 30.0),
+    ] {
+        early.push(sample(
+            "app_signups_total",
+            &[("db", "main")],
+            t,
+            v,
+            "postgres",
+        ));
+    }
+    early.push(sample(
+        "app_signups_total",
+        &[("db", "eu")],
+        at(2024, 3, 1, 0),
+        0.0,
+        "postgres",
+    ));
+    late.push(sample(
+        "app_signups_total",
+        &[("db", "eu")],
+        at(2024, 3, 2, 0),
+        4.0,
+        "postgres",
+    ));
+    // Sessions per day and property; day 2 had none (the division-by-zero day).
+    for (t, property, v) in [
+        (at(2024, 3, 1, 0), "web", 600.0),
+        (at(2024, 3, 1, 0), "app", 400.0),
+        (at(2024, 3, 2, 0), "web", 0.0),
+        (at(2024, 3, 3, 0), "web", 250.0),
+    ] {
+        late.push(sample(
+            "ga4_sessions",
+            &[("property", property)],
+            t,
+            v,
+            "ga4",
+        ));
+    }
+    // Requests every minute for two hours from d0: 200s (restarting at 01:30 with 5 counted),
+    // 500s, and 503s labelled `status` instead of `code`.
+    for i in 0..120i64 {
+        let t = d0 + i * MIN;
+        let ok = if i < 90 { 10 * i } else { 10 * (i - 90) + 5 };
+        let out = if i < 60 { &mut early } else { &mut late };
+        out.push(sample(
+            "http_requests_total",
+            &[("code", "200"), ("handler", "/api")],
+            t,
+            ok as f64,
+            "prom",
+        ));
+        out.push(sample(
+            "http_requests_total",
+            &[("code", "500"), ("handler", "/api")],
+            t,
+            i as f64,
+            "prom",
+        ));
+        out.push(sample(
+            "http_requests_total",
+            &[("status", "503"), ("handler", "/x")],
+            t,
+            (2 * i) as f64,
+            "prom",
+        ));
+    }
+    // One more series over four months, for the month-over-month KPI (restarts in April).
+    for (t, v) in [
+        (at(2024, 1, 15, 0), 1000.0),
+        (at(2024, 1, 31, 0), 1100.0),
+        (at(2024, 2, 10, 0), 1300.0),
+        (at(2024, 2, 28, 0), 1400.0),
+        (at(2024, 3, 15, 0), 1700.0),
+        (at(2024, 4, 2, 0), 50.0),
+    ] {
+        early.push(sample(
+            "http_requests_total",
+            &[("code", "200"), ("handler", "/mom")],
+            t,
+            v,
+            "prom",
+        ));
+    }
+    // A latency histogram: instance a in every hour, instance b only slow requests in hour 1.
+    let les = ["0.1", "0.5", "1", "+Inf"];
+    for (t, inst, counts) in [
+        (d0, "a", [0.0, 0.0, 0.0, 0.0]),
+        (d0, "b", [0.0, 0.0, 0.0, 0.0]),
+        (d0 + 30 * MIN, "a", [50.0, 90.0, 100.0, 100.0]),
+        (d0 + 90 * MIN, "a", [60.0, 100.0, 110.0, 110.0]),
+        (d0 + 90 * MIN, "b", [0.0, 0.0, 0.0, 100.0]),
+        (d0 + 150 * MIN, "a", [160.0, 200.0, 210.0, 210.0]),
+    ] {
+        for (le, v) in les.iter().zip(counts) {
+            let out = if t < d0 + H { &mut early } else { &mut late };
+            out.push(sample(
+                "http_request_duration_seconds_bucket",
+                &[("instance", inst), ("le", le)],
+                t,
+                v,
+                "prom",
+            ));
+        }
+    }
+    // Tally's own query-duration histogram: sum and count.
+    for (t, sum, count) in [
+        (d0, 1.0, 10.0),
+        (d0 + 30 * MIN, 3.0, 20.0),
+        (d0 + 90 * MIN, 3.5, 30.0),
+        (d0 + 150 * MIN, 3.5, 30.0),
+    ] {
+        early.push(sample(
+            "tally_query_duration_seconds_sum",
+            &[],
+            t,
+            sum,
+            "self",
+        ));
+        early.push(sample(
+            "tally_query_duration_seconds_count",
+            &[],
+            t,
+            count,
+            "self",
+        ));
+    }
+    let m = storage.metrics().unwrap();
+    let mut b = SampleBatchBuilder::new();
+    early.into_iter().for_each(|s| b.push(s));
+    m.write(b.finish().unwrap()).await.unwrap();
+    m.flush().await.unwrap();
+    let mut b = SampleBatchBuilder::new();
+    late.into_iter().for_each(|s| b.push(s));
+    m.write(b.finish().unwrap()).await.unwrap();
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs every `.slt` file of `dir` against `engine`.
+async fn run_dir(engine: Arc<QueryEngine>, dir: &std::path::Path) {
+    let db = Db { engine };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "slt"))
         .collect();
     files.sort();
-    assert!(!files.is_empty());
+    assert!(!files.is_empty(), "no .slt files in {}", dir.display());
     let complete = std::env::var_os("TALLY_SLT_COMPLETE").is_some();
     for file in files {
         let db = db.clone();
@@ -185,4 +339,41 @@ async fn slt_files() {
             panic!("{}: {}", file.display(), e.display(true));
         }
     }
+}
+
+async fn open_store(dir: &std::path::Path) -> Storage {
+    Storage::open(
+        &StorageConfig {
+            url: dir.join("data").display().to_string(),
+            ..Default::default()
+        },
+        &WalConfig::default(),
+        Mode::ReadWrite,
+        Telemetry::shared(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The shipped KPIs, as views over known inputs: `tests/slt/kpi/*.slt`.
+#[tokio::test]
+async fn slt_kpis() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_store(dir.path()).await;
+    seed_kpis(&storage).await;
+    let kpis = tally_query::Kpis::load_dir(&repo().join("queries"));
+    assert!(kpis.problems.is_empty(), "{:?}", kpis.problems);
+    let engine =
+        Arc::new(QueryEngine::new(Arc::new(storage), QueryConfig::default()).with_kpis(kpis));
+    assert_eq!(engine.check_kpis().await, vec![]);
+    run_dir(engine, &repo().join("tests/slt/kpi")).await;
+}
+
+#[tokio::test]
+async fn slt_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_store(dir.path()).await;
+    seed(&storage).await;
+    let engine = Arc::new(QueryEngine::new(Arc::new(storage), QueryConfig::default()));
+    run_dir(engine, &repo().join("tests/slt")).await;
 }

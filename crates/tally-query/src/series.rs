@@ -1,0 +1,387 @@
+//! Time series from the `metrics` table without writing SQL: one metric, label matchers, an
+//! aggregation per time bucket, optional grouping by labels. Also the catalog questions a
+//! metric picker asks (metric names, label names, label values).
+//!
+//! The SQL reduces each series to one partial per bucket (sum and count, min, max, last, or the
+//! reset-aware increase of a counter); series are then combined per group here, so averages
+//! and rates stay exact when several series fall into one group.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use arrow::array::{Array, AsArray, MapArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Float64Type};
+use futures::TryStreamExt;
+
+use crate::macros::{self, MacroContext};
+use crate::{Error, QueryEngine, Result};
+
+/// How samples become one value per bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Mean of every sample in the bucket.
+    Avg,
+    /// Sum of every sample in the bucket.
+    Sum,
+    Min,
+    Max,
+    /// Number of samples.
+    Count,
+    /// Each series' last sample, added across the series of a group.
+    Last,
+    /// Counter increase per second, reset-aware, added across series.
+    Rate,
+    /// Counter increase over the bucket, reset-aware, added across series.
+    Increase,
+}
+
+impl Aggregation {
+    pub const NAMES: [&'static str; 8] = [
+        "avg", "sum", "min", "max", "count", "last", "rate", "increase",
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "avg" | "mean" => Self::Avg,
+            "sum" => Self::Sum,
+            "min" => Self::Min,
+            "max" => Self::Max,
+            "count" => Self::Count,
+            "last" => Self::Last,
+            "rate" => Self::Rate,
+            "increase" => Self::Increase,
+            _ => return None,
+        })
+    }
+
+    fn is_counter(self) -> bool {
+        matches!(self, Self::Rate | Self::Increase)
+    }
+}
+
+/// A condition on one label; a missing label reads as "", as in PromQL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Matcher {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    /// Fully anchored regular expression.
+    Regex(String, String),
+    NotRegex(String, String),
+    /// The label read as a number, compared with `<`, `<=`, `>` or `>=`.
+    Compare(String, &'static str, f64),
+}
+
+impl Matcher {
+    fn sql(&self) -> String {
+        let label = |k: &str| format!("coalesce(labels[{}], '')", quote(k));
+        let list = |vs: &[String]| vs.iter().map(|v| quote(v)).collect::<Vec<_>>().join(", ");
+        match self {
+            Self::In(_, vs) if vs.is_empty() => "FALSE".into(),
+            Self::In(k, vs) => format!("{} IN ({})", label(k), list(vs)),
+            Self::NotIn(_, vs) if vs.is_empty() => "TRUE".into(),
+            Self::NotIn(k, vs) => format!("{} NOT IN ({})", label(k), list(vs)),
+            Self::Regex(k, re) => format!("{} ~ {}", label(k), quote(&format!("^(?:{re})$"))),
+            Self::NotRegex(k, re) => {
+                format!("{} !~ {}", label(k), quote(&format!("^(?:{re})$")))
+            }
+            Self::Compare(k, op, v) => {
+                format!("TRY_CAST(labels[{}] AS DOUBLE) {op} {v:?}", quote(k))
+            }
+        }
+    }
+}
+
+/// One metric, bucketed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRequest {
+    pub metric: String,
+    pub matchers: Vec<Matcher>,
+    pub aggregation: Aggregation,
+    /// `None`: one series per label set. `Some(keys)`: one per distinct value of those labels
+    /// (`Some(vec![])`: everything in one series).
+    pub group_by: Option<Vec<String>>,
+    /// Range and bucket width; buckets start at multiples of the width since the epoch.
+    pub range: MacroContext,
+}
+
+/// One output series: bucket start times (epoch ms, ascending) and values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub labels: BTreeMap<String, String>,
+    pub times_ms: Vec<i64>,
+    pub values: Vec<f64>,
+}
+
+/// Counters need the sample before the first bucket to count the first bucket's increase.
+const MIN_COUNTER_LOOKBACK_MS: i64 = 5 * 60 * 1000;
+
+impl QueryEngine {
+    /// Runs `sql` under the usual limits and collects the batches.
+    pub async fn collect(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let result = self.execute(sql).await?;
+        result
+            .stream
+            .try_collect()
+            .await
+            .map_err(Error::from_datafusion)
+    }
+
+    /// The bucketed series of one metric.
+    pub async fn series(&self, req: &SeriesRequest) -> Result<Vec<Series>> {
+        let sql = series_sql(req)?;
+        let batches = self.collect(&sql).await?;
+        combine(req, &batches)
+    }
+
+    /// Every metric name, sorted.
+    pub async fn metric_names(&self) -> Result<Vec<String>> {
+        let batches = self
+            .collect("SELECT DISTINCT metric FROM metrics ORDER BY metric")
+            .await?;
+        strings(&batches, 0)
+    }
+
+    /// Label names per metric, for metrics with samples in `range` when one is given.
+    pub async fn metric_label_names(
+        &self,
+        range: Option<&MacroContext>,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
+        let filter = where_clause(None, &[], range)?;
+        let sql = format!(
+            "SELECT metric, k FROM (SELECT metric, unnest(map_keys(labels)) AS k \
+             FROM metrics{filter}) WHERE k IS NOT NULL GROUP BY metric, k ORDER BY metric, k"
+        );
+        let batches = self.collect(&sql).await?;
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (m, k) in strings(&batches, 0)?.into_iter().zip(strings(&batches, 1)?) {
+            out.entry(m).or_default().push(k);
+        }
+        Ok(out)
+    }
+
+    /// Label names of `metric` (or of every metric), among series matching `matchers`,
+    /// with samples in `range` when one is given.
+    pub async fn label_names(
+        &self,
+        metric: Option<&str>,
+        matchers: &[Matcher],
+        range: Option<&MacroContext>,
+    ) -> Result<Vec<String>> {
+        let filter = where_clause(metric, matchers, range)?;
+        let sql = format!(
+            "SELECT k FROM (SELECT unnest(map_keys(labels)) AS k FROM metrics{filter}) \
+             GROUP BY k ORDER BY k"
+        );
+        strings(&self.collect(&sql).await?, 0)
+    }
+
+    /// Values of label `key` (of `metric` or of every metric), narrowed like
+    /// [`Self::label_names`].
+    pub async fn label_values(
+        &self,
+        metric: Option<&str>,
+        key: &str,
+        matchers: &[Matcher],
+        range: Option<&MacroContext>,
+    ) -> Result<Vec<String>> {
+        let mut filter = where_clause(metric, matchers, range)?;
+        let cond = format!("labels[{}] IS NOT NULL", quote(key));
+        if filter.is_empty() {
+            filter = format!(" WHERE {cond}");
+        } else {
+            let _ = write!(filter, " AND {cond}");
+        }
+        let sql = format!(
+            "SELECT labels[{k}] AS v FROM metrics{filter} GROUP BY labels[{k}] ORDER BY v",
+            k = quote(key)
+        );
+        strings(&self.collect(&sql).await?, 0)
+    }
+}
+
+/// A SQL string literal.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn where_clause(
+    metric: Option<&str>,
+    matchers: &[Matcher],
+    range: Option<&MacroContext>,
+) -> Result<String> {
+    let mut conds = Vec::new();
+    if let Some(m) = metric {
+        conds.push(format!("metric = {}", quote(m)));
+    }
+    if let Some(r) = range {
+        conds.push(macros::expand("$__timeFilter(time)", r)?);
+    }
+    conds.extend(matchers.iter().map(Matcher::sql));
+    Ok(if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    })
+}
+
+fn series_sql(req: &SeriesRequest) -> Result<String> {
+    let r = &req.range;
+    if r.to_us <= r.from_us {
+        return Err(Error::InvalidQuery("the time range is empty".into()));
+    }
+    let matchers: String = req
+        .matchers
+        .iter()
+        .map(|m| format!(" AND {}", m.sql()))
+        .collect();
+    let metric = quote(&req.metric);
+    let sql = if req.aggregation.is_counter() {
+        let lookback = MacroContext {
+            from_us: r.from_us - r.interval_ms.max(MIN_COUNTER_LOOKBACK_MS) * 1000,
+            ..*r
+        };
+        // A drop means the counter restarted from zero: its whole value is the increase.
+        format!(
+            "WITH s AS (SELECT series_id, labels, time, value, \
+               lag(value) OVER (PARTITION BY series_id ORDER BY time) AS prev \
+               FROM metrics WHERE metric = {metric} AND {lookback_filter}{matchers}) \
+             SELECT series_id, first_value(labels) AS labels, $__dateBin(time) AS bucket, \
+               sum(CASE WHEN prev IS NULL THEN 0.0 WHEN value < prev THEN value \
+                        ELSE value - prev END) AS a, \
+               CAST(NULL AS DOUBLE) AS b \
+             FROM s WHERE $__timeFilter(time) GROUP BY series_id, bucket",
+            lookback_filter = macros::expand("$__timeFilter(time)", &lookback)?,
+        )
+    } else {
+        let (a, b) = match req.aggregation {
+            Aggregation::Avg | Aggregation::Sum => ("sum(value)", "CAST(count(value) AS DOUBLE)"),
+            Aggregation::Count => ("CAST(count(value) AS DOUBLE)", "NULL"),
+            Aggregation::Min => ("min(value)", "NULL"),
+            Aggregation::Max => ("max(value)", "NULL"),
+            Aggregation::Last => ("last_value(value ORDER BY time)", "NULL"),
+            Aggregation::Rate | Aggregation::Increase => unreachable!("counters handled above"),
+        };
+        format!(
+            "SELECT series_id, first_value(labels) AS labels, $__dateBin(time) AS bucket, \
+               {a} AS a, CAST({b} AS DOUBLE) AS b \
+             FROM metrics WHERE metric = {metric} AND $__timeFilter(time){matchers} \
+             GROUP BY series_id, bucket"
+        )
+    };
+    macros::expand(&sql, r)
+}
+
+/// Partials of one group in one bucket.
+#[derive(Debug, Clone, Copy)]
+struct Acc {
+    a: f64,
+    b: f64,
+}
+
+fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> {
+    let mut groups: BTreeMap<BTreeMap<String, String>, BTreeMap<i64, Acc>> = BTreeMap::new();
+    for batch in batches {
+        let labels = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<MapArray>()
+            .ok_or_else(|| internal("labels is not a map"))?;
+        let bucket = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .ok_or_else(|| internal("bucket is not a µs timestamp"))?;
+        let a = batch.column(3).as_primitive::<Float64Type>();
+        let b = batch.column(4).as_primitive::<Float64Type>();
+        for row in 0..batch.num_rows() {
+            let all = map_row(labels, row);
+            let key = match &req.group_by {
+                None => all,
+                Some(keys) => keys
+                    .iter()
+                    .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect(),
+            };
+            let t = bucket.value(row).div_euclid(1000);
+            let (va, vb) = (
+                a.value(row),
+                if b.is_null(row) { 0.0 } else { b.value(row) },
+            );
+            groups
+                .entry(key)
+                .or_default()
+                .entry(t)
+                .and_modify(|acc| match req.aggregation {
+                    Aggregation::Min => acc.a = acc.a.min(va),
+                    Aggregation::Max => acc.a = acc.a.max(va),
+                    _ => {
+                        acc.a += va;
+                        acc.b += vb;
+                    }
+                })
+                .or_insert(Acc { a: va, b: vb });
+        }
+    }
+    let seconds = req.range.interval_ms as f64 / 1000.0;
+    Ok(groups
+        .into_iter()
+        .map(|(labels, buckets)| {
+            let (times_ms, values) = buckets
+                .into_iter()
+                .map(|(t, acc)| {
+                    let v = match req.aggregation {
+                        Aggregation::Avg => acc.a / acc.b,
+                        Aggregation::Rate => acc.a / seconds,
+                        _ => acc.a,
+                    };
+                    (t, v)
+                })
+                .unzip();
+            Series {
+                labels,
+                times_ms,
+                values,
+            }
+        })
+        .collect())
+}
+
+fn internal(what: &str) -> Error {
+    Error::Execution(Box::new(datafusion::error::DataFusionError::Internal(
+        format!("series query: {what}"),
+    )))
+}
+
+/// The labels of one row of a `labels` map column.
+pub fn map_row(map: &MapArray, row: usize) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if map.is_null(row) {
+        return out;
+    }
+    let entries = map.value(row);
+    let (Some(keys), Some(values)) = (
+        entries.column(0).as_string_opt::<i32>(),
+        entries.column(1).as_string_opt::<i32>(),
+    ) else {
+        return out;
+    };
+    for i in 0..entries.len() {
+        if !values.is_null(i) {
+            out.insert(keys.value(i).to_string(), values.value(i).to_string());
+        }
+    }
+    out
+}
+
+/// Column `col` of every batch as strings (nulls skipped); string views and dictionaries are
+/// cast first.
+fn strings(batches: &[RecordBatch], col: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let array = arrow::compute::cast(b.column(col), &DataType::Utf8)
+            .map_err(|e| internal(&e.to_string()))?;
+        let array: &StringArray = array.as_string();
+        out.extend(array.iter().flatten().map(str::to_string));
+    }
+    Ok(out)
+}
