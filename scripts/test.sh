@@ -11,8 +11,9 @@ log() { printf '\n==> %s\n' "$*"; }
 # and stops it): Prometheus remote-writes into Tally and is pulled by it; node_exporter is
 # scraped.
 DEB_PACKAGES=(prometheus prometheus-node-exporter)
-# Python packages used by tests as real clients, as "pip-name:import-name".
-PY_PACKAGES=("prometheus-client:prometheus_client")
+# Python packages used by tests, as "pip-name:import-name": a real Pushgateway client, and
+# the validator that checks Grafana API answers against the plugin's OpenAPI file.
+PY_PACKAGES=("prometheus-client:prometheus_client" "jsonschema:jsonschema" "PyYAML:yaml")
 
 missing_debs=()
 for pkg in "${DEB_PACKAGES[@]}"; do

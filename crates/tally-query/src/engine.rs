@@ -106,6 +106,7 @@ impl QueryEngine {
             };
             if let Err(message) = planned {
                 let (line, message) = crate::kpi::locate(&message);
+                let line = line.or_else(|| crate::kpi::line_of_culprit(&kpi.sql, &message));
                 problems.push(KpiProblem {
                     path: kpi.path.clone(),
                     line: kpi.sql_line + line.unwrap_or(1) - 1,

@@ -314,6 +314,24 @@ pub(crate) fn locate(message: &str) -> (Option<usize>, String) {
     (line, format!("{}{}", &message[..start], &message[end..]))
 }
 
+/// Planning errors carry no position; for the common ones (an unknown column or table) the
+/// line of the query that names the culprit is the one to show.
+pub(crate) fn line_of_culprit(sql: &str, message: &str) -> Option<usize> {
+    let name = if let Some(rest) = message.split("No field named ").nth(1) {
+        rest.split(['.', ' ', ','])
+            .find(|s| !s.is_empty())?
+            .trim_matches('"')
+    } else if let Some(rest) = message.split("table '").nth(1) {
+        rest.split('\'').next()?.rsplit('.').next()?
+    } else {
+        return None;
+    };
+    let name = name.to_ascii_lowercase();
+    sql.lines()
+        .position(|l| l.to_ascii_lowercase().contains(&name))
+        .map(|i| i + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +395,23 @@ mod tests {
 
         let errs = parse_str("-- title: only a header\n").unwrap_err();
         assert!(errs[0].message.contains("no SQL"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn planning_errors_point_at_the_culprit() {
+        let sql = "SELECT time,\n  nosuchcol AS v\nFROM metrics";
+        assert_eq!(
+            line_of_culprit(
+                sql,
+                "Schema error: No field named nosuchcol. Valid fields are a."
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            line_of_culprit("SELECT 1\nFROM foo", "table 'tally.public.foo' not found"),
+            Some(2)
+        );
+        assert_eq!(line_of_culprit(sql, "something else"), None);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use arrow::array::{Array, AsArray, MapArray, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow::array::{Array, AsArray, MapArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit};
 use futures::TryStreamExt;
 
 use crate::macros::{self, MacroContext};
@@ -29,7 +29,8 @@ pub enum Aggregation {
     Count,
     /// Each series' last sample, added across the series of a group.
     Last,
-    /// Counter increase per second, reset-aware, added across series.
+    /// Counter increase per second over the time the bucket's samples span, reset-aware;
+    /// the rates of a group's series are added.
     Rate,
     /// Counter increase over the bucket, reset-aware, added across series.
     Increase,
@@ -240,16 +241,27 @@ fn series_sql(req: &SeriesRequest) -> Result<String> {
             from_us: r.from_us - r.interval_ms.max(MIN_COUNTER_LOOKBACK_MS) * 1000,
             ..*r
         };
-        // A drop means the counter restarted from zero: its whole value is the increase.
+        // A drop means the counter restarted from zero: its whole value is the increase. A
+        // rate divides each series' increase by the time its deltas span (not by the bucket
+        // width), so buckets narrower than the sampling interval still get the true rate.
+        let a = match req.aggregation {
+            Aggregation::Rate => "sum(delta) / NULLIF(sum(seconds), 0)",
+            _ => "sum(delta)",
+        };
         format!(
             "WITH s AS (SELECT series_id, labels, time, value, \
-               lag(value) OVER (PARTITION BY series_id ORDER BY time) AS prev \
-               FROM metrics WHERE metric = {metric} AND {lookback_filter}{matchers}) \
+               lag(value) OVER (PARTITION BY series_id ORDER BY time) AS prev, \
+               lag(time) OVER (PARTITION BY series_id ORDER BY time) AS prev_time \
+               FROM metrics WHERE metric = {metric} AND {lookback_filter}{matchers}), \
+             d AS (SELECT series_id, labels, time, \
+               CASE WHEN prev IS NULL THEN 0.0 WHEN value < prev THEN value \
+                    ELSE value - prev END AS delta, \
+               CASE WHEN prev IS NULL THEN 0.0 \
+                    ELSE (CAST(time AS BIGINT) - CAST(prev_time AS BIGINT)) / 1000000.0 END AS seconds \
+               FROM s WHERE $__timeFilter(time)) \
              SELECT series_id, first_value(labels) AS labels, $__dateBin(time) AS bucket, \
-               sum(CASE WHEN prev IS NULL THEN 0.0 WHEN value < prev THEN value \
-                        ELSE value - prev END) AS a, \
-               CAST(NULL AS DOUBLE) AS b \
-             FROM s WHERE $__timeFilter(time) GROUP BY series_id, bucket",
+               {a} AS a, CAST(NULL AS DOUBLE) AS b \
+             FROM d GROUP BY series_id, bucket",
             lookback_filter = macros::expand("$__timeFilter(time)", &lookback)?,
         )
     } else {
@@ -286,14 +298,20 @@ fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> 
             .as_any()
             .downcast_ref::<MapArray>()
             .ok_or_else(|| internal("labels is not a map"))?;
-        let bucket = batch
-            .column(2)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .ok_or_else(|| internal("bucket is not a µs timestamp"))?;
+        // date_bin's result unit follows its arguments; epoch ms is what Grafana wants.
+        let bucket = arrow::compute::cast(
+            batch.column(2),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )
+        .and_then(|b| arrow::compute::cast(&b, &DataType::Int64))
+        .map_err(|e| internal(&e.to_string()))?;
+        let bucket = bucket.as_primitive::<Int64Type>();
         let a = batch.column(3).as_primitive::<Float64Type>();
         let b = batch.column(4).as_primitive::<Float64Type>();
         for row in 0..batch.num_rows() {
+            if a.is_null(row) {
+                continue;
+            }
             let all = map_row(labels, row);
             let key = match &req.group_by {
                 None => all,
@@ -302,7 +320,7 @@ fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> 
                     .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
                     .collect(),
             };
-            let t = bucket.value(row).div_euclid(1000);
+            let t = bucket.value(row);
             let (va, vb) = (
                 a.value(row),
                 if b.is_null(row) { 0.0 } else { b.value(row) },
@@ -322,7 +340,6 @@ fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> 
                 .or_insert(Acc { a: va, b: vb });
         }
     }
-    let seconds = req.range.interval_ms as f64 / 1000.0;
     Ok(groups
         .into_iter()
         .map(|(labels, buckets)| {
@@ -331,7 +348,6 @@ fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> 
                 .map(|(t, acc)| {
                     let v = match req.aggregation {
                         Aggregation::Avg => acc.a / acc.b,
-                        Aggregation::Rate => acc.a / seconds,
                         _ => acc.a,
                     };
                     (t, v)

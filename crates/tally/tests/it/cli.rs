@@ -73,3 +73,54 @@ fn check_config_reports_every_problem() {
     assert!(!ok);
     assert!(err.contains("bad_job.toml: missing field `url`"), "{err}");
 }
+
+/// A folder with one good KPI and three broken ones (syntax, name, unknown column).
+pub(crate) fn kpi_dir_with_mistakes(dir: &std::path::Path) -> std::path::PathBuf {
+    let kpis = dir.join("queries");
+    std::fs::create_dir_all(&kpis).unwrap();
+    std::fs::write(
+        kpis.join("good.sql"),
+        "-- title: Good\n-- unit: short\nSELECT $__dateBin(time) AS time, count(*) AS n\n\
+         FROM metrics WHERE $__timeFilter(time) GROUP BY 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        kpis.join("broken.sql"),
+        "-- title: Broken\nSELECT time,\n  nosuchcol AS v\nFROM metrics\n",
+    )
+    .unwrap();
+    std::fs::write(kpis.join("syntax.sql"), "-- title: Syntax\n\nSELECT 1 +\n").unwrap();
+    std::fs::write(kpis.join("named.sql"), "-- name: Bad Name\nSELECT 1\n").unwrap();
+    kpis
+}
+
+#[test]
+fn check_config_reports_kpi_files_with_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../queries");
+    std::fs::write(&config, format!("[query]\nkpi_dir = \"{shipped}\"\n")).unwrap();
+    let ingest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ingest");
+    let (ok, out, err) = tally_cli(&["check-config", config.to_str().unwrap(), "--jobs", ingest]);
+    assert!(ok, "the shipped KPIs must be valid: {out}{err}");
+    assert!(out.contains("5 KPI(s) loaded, 0 problem(s)"), "{out}");
+
+    let kpis = kpi_dir_with_mistakes(dir.path());
+    std::fs::write(
+        &config,
+        format!("[query]\nkpi_dir = \"{}\"\n", kpis.display()),
+    )
+    .unwrap();
+    let (ok, out, err) = tally_cli(&["check-config", config.to_str().unwrap(), "--jobs", ingest]);
+    assert!(!ok);
+    assert!(out.contains("3 problem(s)"), "{out}");
+    let k = kpis.display();
+    for needle in [
+        format!("{k}/syntax.sql:3: invalid SQL"),
+        format!("{k}/named.sql:1: KPI name 'Bad Name'"),
+        format!("{k}/broken.sql:3: Schema error: No field named nosuchcol"),
+    ] {
+        assert!(err.contains(&needle), "{needle}: {err}");
+    }
+    assert!(!err.contains("good.sql"), "{err}");
+}

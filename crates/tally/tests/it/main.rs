@@ -7,7 +7,8 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns: a panic is the failure report
 
 mod binary;
-mod cli;
+pub(crate) mod cli;
+mod grafana;
 mod jobs;
 mod prometheus;
 mod pushgateway;

@@ -44,7 +44,9 @@ impl InProcess {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let token = CancellationToken::new();
-        let router = tally_server::router(AppState::new(config, Arc::clone(&storage)));
+        let kpis = tally_query::Kpis::load_dir(&config.query.kpi_dir);
+        let router =
+            tally_server::router(AppState::new(config, Arc::clone(&storage)).with_kpis(kpis));
         tokio::spawn(tally_server::serve(
             listener,
             router,

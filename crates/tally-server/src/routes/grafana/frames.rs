@@ -144,14 +144,18 @@ pub(crate) fn series(
             })
             .collect(),
         Format::Table => {
-            // One long table: time, every label, the series' field name and its value.
+            // One long table: time, every label, which field (when there are several, as in
+            // a KPI with numerator, denominator and ratio) and the value.
             let keys: BTreeSet<&String> = all.iter().flat_map(|n| n.series.labels.keys()).collect();
+            let several = all.iter().any(|n| n.field != all[0].field);
             let mut rows: Vec<(i64, Vec<Value>)> = Vec::new();
             for n in all {
                 for (t, v) in n.series.times_ms.iter().zip(&n.series.values) {
                     let mut row = vec![json!(t)];
                     row.extend(keys.iter().map(|k| json!(n.series.labels.get(*k))));
-                    row.push(json!(n.field));
+                    if several {
+                        row.push(json!(n.field));
+                    }
                     row.push(num(*v));
                     rows.push((*t, row));
                 }
@@ -159,14 +163,18 @@ pub(crate) fn series(
             rows.sort_by_key(|(t, _)| *t);
             let mut columns = vec![json!({"text": "time", "type": "time"})];
             columns.extend(keys.iter().map(|k| json!({"text": k, "type": "string"})));
-            columns.push(json!({"text": "field", "type": "string"}));
+            if several {
+                columns.push(json!({"text": "field", "type": "string"}));
+            }
             let mut value = json!({"text": "value", "type": "number"});
             // Per-field units cannot apply to a column that mixes fields.
             if let Some(u) = unit.filter(|u| !u.contains('=')) {
                 value["unit"] = json!(u);
             }
             columns.push(value);
+            // `type` is not needed by Grafana, but the plugin's OpenAPI file requires it.
             vec![json!({
+                "type": "table",
                 "refId": ref_id,
                 "name": all.first().map(|n| n.name.clone()).unwrap_or_default(),
                 "columns": columns,
@@ -368,6 +376,7 @@ pub(crate) fn table(
         Format::Table | Format::TimeSeries => {
             let n = cols.first().map_or(0, |c| c.values.len());
             json!({
+                "type": "table",
                 "refId": ref_id,
                 "name": name,
                 "columns": cols.iter().map(|c| json!({"text": c.name, "type": c.kind})).collect::<Vec<_>>(),

@@ -37,8 +37,6 @@ const RUNS_TARGET: &str = "_tally.runs";
 const FAILED_RUNS_TARGET: &str = "_tally.failed_runs";
 const RECORDS_PREFIX: &str = "records.";
 const KPI_PREFIX: &str = "kpi.";
-/// How far back `/metrics` looks for the label names it offers as payload fields.
-const RECENT_LABELS_US: i64 = 86_400 * 1_000_000;
 
 pub(crate) fn router(prefix: &str) -> Router<AppState> {
     Router::new()
@@ -64,10 +62,6 @@ fn body_json(state: &AppState, body: Body) -> Result<Value, ApiError> {
 /// "Save & test" needs exactly 200.
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok", "message": "Tally: Grafana JSON datasource API"}))
-}
-
-fn now_us() -> i64 {
-    chrono::Utc::now().timestamp_micros()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -130,12 +124,7 @@ async fn metrics(State(state): State<AppState>, body: Body) -> Result<Json<Value
     let (chosen, payload) = picked(&body);
     let engine = &state.engine;
     let names = engine.metric_names().await?;
-    let recent = MacroContext {
-        from_us: now_us() - RECENT_LABELS_US,
-        to_us: now_us() + 60_000_000,
-        interval_ms: 1,
-    };
-    let mut labels = engine.metric_label_names(Some(&recent)).await?;
+    let mut labels = engine.metric_label_names(None).await?;
     if let Some(m) = chosen.as_deref().filter(|m| names.iter().any(|n| n == m)) {
         // The chosen metric's fields come from all its data, narrowed by the labels picked
         // so far; a field already in use stays.
@@ -206,7 +195,7 @@ async fn records_tables(state: &AppState) -> Result<Vec<String>, ApiError> {
         .list_tables()
         .await?
         .into_iter()
-        .filter(|t| !t.starts_with('_') && t != "metrics" && t != "metric_metadata")
+        .filter(|t| !t.starts_with('_') && t != "metrics")
         .collect())
 }
 
@@ -336,7 +325,12 @@ fn aggregation_of(payload: &Map<String, Value>) -> Result<Aggregation, ApiError>
         .and_then(Value::as_str)
         .map(str::trim)
     {
-        None | Some("") => Ok(Aggregation::Avg),
+        // `{"rate": true}` is a common way to ask in code mode.
+        None | Some("") => Ok(Aggregation::NAMES
+            .iter()
+            .find(|n| payload.get(**n) == Some(&Value::Bool(true)))
+            .and_then(|n| Aggregation::parse(n))
+            .unwrap_or(Aggregation::Avg)),
         Some(a) => Aggregation::parse(a).ok_or_else(|| {
             bad(format!(
                 "unknown aggregation '{a}' (use {})",

@@ -5,7 +5,7 @@
 use chrono::DateTime;
 use serde_json::{Map, Value};
 use tally_query::MacroContext;
-use tally_query::series::Matcher;
+use tally_query::series::{Aggregation, Matcher};
 
 use crate::ApiError;
 
@@ -207,7 +207,9 @@ pub(crate) fn payload_matchers(payload: &Map<String, Value>, skip: Option<&str>)
         }
     };
     for (k, v) in payload {
-        if !RESERVED.contains(&k.as_str()) {
+        // `{"rate": true}` chooses the aggregation; it is not a label.
+        let switch = v.is_boolean() && Aggregation::parse(k).is_some();
+        if !RESERVED.contains(&k.as_str()) && !switch {
             add(k, v);
         }
     }
