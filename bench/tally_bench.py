@@ -11,6 +11,9 @@ Phases:
   storage  bytes per sample of the metrics table after the final flush
   query    Q1-Q3 of the anchors in Tally SQL over HTTP (Arrow IPC out), median of 10 after
            1 warm-up, with the anchors' cross-checks (row counts, means)
+  grafana  Q2 and Q3 as Grafana panels would ask them (POST /grafana/query, data frames,
+           no SQL written): Q2 as the `rate` aggregation grouped by status in 60 s buckets,
+           Q3 as `last` of one series in 15 s buckets; same cross-checks
 """
 import argparse
 import http.client
@@ -190,6 +193,38 @@ def query(host, port, sql, runs):
     return statistics.median(times), tbl.num_rows, pc.mean(col).as_py()
 
 
+GRAFANA = {
+    "q2": {"target": "http_requests_total", "payload": {"aggregation": "rate", "group_by": ["status"]},
+           "intervalMs": 60_000, "maxDataPoints": 1441},
+    "q3": {"target": "node_memory_MemAvailable_bytes",
+           "payload": {"aggregation": "last", "instance": "host-03:9100", "job": "node"},
+           "intervalMs": 15_000, "maxDataPoints": 5761},
+}
+
+
+def grafana_query(host, port, spec, runs):
+    """Median ms of one Grafana panel query; (points, mean of every value) for the checks."""
+    conn = http.client.HTTPConnection(host, port)
+    body = json.dumps({
+        "range": {"from": T0, "to": T1}, "intervalMs": spec["intervalMs"],
+        "maxDataPoints": spec["maxDataPoints"],
+        "targets": [{"refId": "A", "target": spec["target"], "payload": spec["payload"]}],
+    }).encode()
+
+    def once():
+        return request(conn, "POST", "/grafana/query", body, {"content-type": "application/json"})
+
+    once()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        data = once()
+        times.append((time.perf_counter() - t) * 1e3)
+    frames = json.loads(data)
+    values = [v for f in frames for v in f["data"]["values"][1] if v is not None]
+    return statistics.median(times), len(values), statistics.fmean(values) if values else None
+
+
 def du(path):
     total = 0
     for root, _, files in os.walk(path):
@@ -226,6 +261,7 @@ def main():
         conn = http.client.HTTPConnection(host, port)
         total = json.loads(request(conn, "POST", "/api/v1/sql", b"SELECT count(*) AS n FROM metrics"))[0]["n"]
         results = {k: query(host, port, q, a.runs) for k, q in QUERIES.items()}
+        panels = {k: grafana_query(host, port, spec, a.runs) for k, spec in GRAFANA.items()}
     finally:
         p.terminate()
         p.wait(timeout=120)
@@ -246,6 +282,10 @@ def main():
     print(f"{'Tally SQL over HTTP (Arrow IPC out)':<44}" + "  ".join(f"{k.upper()} {results[k][0]:.0f}" for k in QUERIES))
     for name, q1, q2, q3 in ANCHORS["query"]:
         print(f"{name:<44}Q1 {q1}  Q2 {q2}  Q3 {q3}")
+    print(f"\n== Grafana panels: median of {a.runs} ms, POST /grafana/query (JSON data frames) ==")
+    print(f"{'Tally /grafana/query':<44}" + "  ".join(f"{k.upper()} {panels[k][0]:.0f}" for k in GRAFANA))
+    for name, _, q2, q3 in ANCHORS["query"][:2]:
+        print(f"{name:<44}Q2 {q2}  Q3 {q3}")
     print("\ncross-checks (rows, mean of last column; expected from the anchors):")
     ok = total == 11_520_000
     print(f"  count(*) {total:,} (expected 11,520,000)")
@@ -254,6 +294,14 @@ def main():
         good = rows == er and mean is not None and abs(mean - em) / abs(em) < 1e-3
         ok &= good
         print(f"  {k}: {rows:,} rows, mean {mean:.6g} (expected {er:,}, {em:.6g}) {'ok' if good else 'MISMATCH'}")
+    for k, (ms, points, mean) in panels.items():
+        er, em = EXPECT[k]
+        # Bucketed rates (deltas divided by the time they span, reset-aware) are not the
+        # anchors' max-min per bucket: Q2's mean may differ slightly; Q3 is raw and exact.
+        tol = 1e-2 if k == "q2" else 1e-9
+        good = points == er and mean is not None and abs(mean - em) / abs(em) < tol
+        ok &= good
+        print(f"  grafana {k}: {points:,} points, mean {mean:.6g} (expected {er:,}, {em:.6g}) {'ok' if good else 'MISMATCH'}")
     sys.exit(0 if ok else 1)
 
 

@@ -6,7 +6,7 @@
 //! reset-aware increase of a counter); series are then combined per group here, so averages
 //! and rates stay exact when several series fall into one group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use arrow::array::{Array, AsArray, MapArray, RecordBatch, StringArray};
@@ -128,10 +128,23 @@ impl QueryEngine {
     }
 
     /// The bucketed series of one metric.
+    ///
+    /// Without grouping, the partials per `(series_id, bucket)` and the labels of each series
+    /// are two queries run side by side: carrying the labels map through the window and the
+    /// aggregation would hold one map per bucket. With grouping, series are combined in SQL
+    /// by their group labels, so the result holds one row per group and bucket however many
+    /// series feed it (the row limit then bounds what the panel shows, not the input).
     pub async fn series(&self, req: &SeriesRequest) -> Result<Vec<Series>> {
-        let sql = series_sql(req)?;
-        let batches = self.collect(&sql).await?;
-        combine(req, &batches)
+        let partials_sql = series_sql(req)?;
+        let (partials, labels) = if req.group_by.is_some() {
+            (self.collect(&partials_sql).await?, HashMap::new())
+        } else {
+            let labels_sql = labels_sql(req)?;
+            let (p, l) =
+                futures::try_join!(self.collect(&partials_sql), self.collect(&labels_sql))?;
+            (p, series_labels(&l)?)
+        };
+        combine(req, &partials, &labels)
     }
 
     /// Every metric name, sorted.
@@ -225,6 +238,8 @@ fn where_clause(
     })
 }
 
+/// SQL answering `(key..., bucket, a, b)`: the key is `series_id`, or the group labels
+/// `g0, g1, ...` when grouping. `a` and `b` are the partials `combine` finishes.
 fn series_sql(req: &SeriesRequest) -> Result<String> {
     let r = &req.range;
     if r.to_us <= r.from_us {
@@ -236,7 +251,16 @@ fn series_sql(req: &SeriesRequest) -> Result<String> {
         .map(|m| format!(" AND {}", m.sql()))
         .collect();
     let metric = quote(&req.metric);
-    let sql = if req.aggregation.is_counter() {
+    let groups: Vec<String> = req
+        .group_by
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, k)| format!("labels[{}] AS g{i}", quote(k)))
+        .collect();
+    let group_cols: String = (0..groups.len()).map(|i| format!(", g{i}")).collect();
+    let group_select: String = groups.iter().map(|g| format!(", {g}")).collect();
+    let inner = if req.aggregation.is_counter() {
         let lookback = MacroContext {
             from_us: r.from_us - r.interval_ms.max(MIN_COUNTER_LOOKBACK_MS) * 1000,
             ..*r
@@ -249,19 +273,19 @@ fn series_sql(req: &SeriesRequest) -> Result<String> {
             _ => "sum(delta)",
         };
         format!(
-            "WITH s AS (SELECT series_id, labels, time, value, \
+            "WITH s AS (SELECT series_id, time, value{group_select}, \
                lag(value) OVER (PARTITION BY series_id ORDER BY time) AS prev, \
                lag(time) OVER (PARTITION BY series_id ORDER BY time) AS prev_time \
                FROM metrics WHERE metric = {metric} AND {lookback_filter}{matchers}), \
-             d AS (SELECT series_id, labels, time, \
+             d AS (SELECT series_id, time{group_cols}, \
                CASE WHEN prev IS NULL THEN 0.0 WHEN value < prev THEN value \
                     ELSE value - prev END AS delta, \
                CASE WHEN prev IS NULL THEN 0.0 \
                     ELSE (CAST(time AS BIGINT) - CAST(prev_time AS BIGINT)) / 1000000.0 END AS seconds \
                FROM s WHERE $__timeFilter(time)) \
-             SELECT series_id, first_value(labels) AS labels, $__dateBin(time) AS bucket, \
+             SELECT series_id{group_cols}, $__dateBin(time) AS bucket, \
                {a} AS a, CAST(NULL AS DOUBLE) AS b \
-             FROM d GROUP BY series_id, bucket",
+             FROM d GROUP BY series_id{group_cols}, bucket",
             lookback_filter = macros::expand("$__timeFilter(time)", &lookback)?,
         )
     } else {
@@ -274,85 +298,119 @@ fn series_sql(req: &SeriesRequest) -> Result<String> {
             Aggregation::Rate | Aggregation::Increase => unreachable!("counters handled above"),
         };
         format!(
-            "SELECT series_id, first_value(labels) AS labels, $__dateBin(time) AS bucket, \
+            "SELECT series_id{group_select}, $__dateBin(time) AS bucket, \
                {a} AS a, CAST({b} AS DOUBLE) AS b \
              FROM metrics WHERE metric = {metric} AND $__timeFilter(time){matchers} \
-             GROUP BY series_id, bucket"
+             GROUP BY series_id{group_cols}, bucket"
         )
+    };
+    let sql = if req.group_by.is_some() {
+        // Series combine per group: min of mins, max of maxes, sums of everything else.
+        let outer = match req.aggregation {
+            Aggregation::Min => "min(a)",
+            Aggregation::Max => "max(a)",
+            _ => "sum(a)",
+        };
+        let keys = if groups.is_empty() {
+            String::new()
+        } else {
+            format!("{}, ", group_cols.trim_start_matches(", "))
+        };
+        format!(
+            "SELECT {keys}bucket, {outer} AS a, sum(b) AS b FROM ({inner}) \
+             WHERE a IS NOT NULL GROUP BY {keys}bucket"
+        )
+    } else {
+        format!("SELECT series_id, bucket, a, b FROM ({inner})")
     };
     macros::expand(&sql, r)
 }
 
-/// Partials of one group in one bucket.
-#[derive(Debug, Clone, Copy)]
-struct Acc {
-    a: f64,
-    b: f64,
+/// The labels of every series the request matches in its range.
+fn labels_sql(req: &SeriesRequest) -> Result<String> {
+    let filter = where_clause(Some(&req.metric), &req.matchers, Some(&req.range))?;
+    Ok(format!(
+        "SELECT series_id, first_value(labels) AS labels FROM metrics{filter} GROUP BY series_id"
+    ))
 }
 
-fn combine(req: &SeriesRequest, batches: &[RecordBatch]) -> Result<Vec<Series>> {
-    let mut groups: BTreeMap<BTreeMap<String, String>, BTreeMap<i64, Acc>> = BTreeMap::new();
+fn series_labels(batches: &[RecordBatch]) -> Result<HashMap<i64, BTreeMap<String, String>>> {
+    let mut out = HashMap::new();
     for batch in batches {
+        let ids = batch.column(0).as_primitive::<Int64Type>();
         let labels = batch
             .column(1)
             .as_any()
             .downcast_ref::<MapArray>()
             .ok_or_else(|| internal("labels is not a map"))?;
+        for row in 0..batch.num_rows() {
+            out.insert(ids.value(row), map_row(labels, row));
+        }
+    }
+    Ok(out)
+}
+
+fn combine(
+    req: &SeriesRequest,
+    batches: &[RecordBatch],
+    labels: &HashMap<i64, BTreeMap<String, String>>,
+) -> Result<Vec<Series>> {
+    let mut out: BTreeMap<BTreeMap<String, String>, Vec<(i64, f64)>> = BTreeMap::new();
+    let group_keys = req.group_by.as_deref();
+    for batch in batches {
+        let n = batch.num_columns();
         // date_bin's result unit follows its arguments; epoch ms is what Grafana wants.
         let bucket = arrow::compute::cast(
-            batch.column(2),
+            batch.column(n - 3),
             &DataType::Timestamp(TimeUnit::Millisecond, None),
         )
         .and_then(|b| arrow::compute::cast(&b, &DataType::Int64))
         .map_err(|e| internal(&e.to_string()))?;
         let bucket = bucket.as_primitive::<Int64Type>();
-        let a = batch.column(3).as_primitive::<Float64Type>();
-        let b = batch.column(4).as_primitive::<Float64Type>();
+        let a = batch.column(n - 2).as_primitive::<Float64Type>();
+        let b = batch.column(n - 1).as_primitive::<Float64Type>();
+        let keys: Vec<StringArray> = match group_keys {
+            Some(_) => (0..n - 3)
+                .map(|i| {
+                    arrow::compute::cast(batch.column(i), &DataType::Utf8)
+                        .map(|c| c.as_string::<i32>().clone())
+                        .map_err(|e| internal(&e.to_string()))
+                })
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        let ids = match group_keys {
+            None => Some(batch.column(0).as_primitive::<Int64Type>()),
+            Some(_) => None,
+        };
         for row in 0..batch.num_rows() {
             if a.is_null(row) {
                 continue;
             }
-            let all = map_row(labels, row);
-            let key = match &req.group_by {
-                None => all,
-                Some(keys) => keys
+            let key = match (group_keys, ids) {
+                (Some(names), _) => names
                     .iter()
-                    .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
+                    .zip(&keys)
+                    .filter(|(_, col)| !col.is_null(row))
+                    .map(|(k, col)| (k.clone(), col.value(row).to_string()))
                     .collect(),
+                // Both queries read the same rows; a series written between them may lack
+                // its labels and is shown without.
+                (None, Some(ids)) => labels.get(&ids.value(row)).cloned().unwrap_or_default(),
+                (None, None) => BTreeMap::new(),
             };
-            let t = bucket.value(row);
-            let (va, vb) = (
-                a.value(row),
-                if b.is_null(row) { 0.0 } else { b.value(row) },
-            );
-            groups
-                .entry(key)
-                .or_default()
-                .entry(t)
-                .and_modify(|acc| match req.aggregation {
-                    Aggregation::Min => acc.a = acc.a.min(va),
-                    Aggregation::Max => acc.a = acc.a.max(va),
-                    _ => {
-                        acc.a += va;
-                        acc.b += vb;
-                    }
-                })
-                .or_insert(Acc { a: va, b: vb });
+            let v = match req.aggregation {
+                Aggregation::Avg => a.value(row) / b.value(row),
+                _ => a.value(row),
+            };
+            out.entry(key).or_default().push((bucket.value(row), v));
         }
     }
-    Ok(groups
+    Ok(out
         .into_iter()
-        .map(|(labels, buckets)| {
-            let (times_ms, values) = buckets
-                .into_iter()
-                .map(|(t, acc)| {
-                    let v = match req.aggregation {
-                        Aggregation::Avg => acc.a / acc.b,
-                        _ => acc.a,
-                    };
-                    (t, v)
-                })
-                .unzip();
+        .map(|(labels, mut points)| {
+            points.sort_by_key(|(t, _)| *t);
+            let (times_ms, values) = points.into_iter().unzip();
             Series {
                 labels,
                 times_ms,

@@ -30,7 +30,10 @@ fn iso(s: i64) -> String {
 /// Six hours of minute samples from 09:00: three CPU counters (web2 restarts at 12:00 and
 /// counts 30 since), two temperature gauges.
 async fn seeded() -> InProcess {
-    let mut config = Config::default();
+    seeded_with(Config::default()).await
+}
+
+async fn seeded_with(mut config: Config) -> InProcess {
     config.query.kpi_dir = repo().join("queries");
     let server = InProcess::start(config).await;
     let mut items = Vec::new();
@@ -310,6 +313,25 @@ async fn aggregations_are_exact_and_points_never_exceed_max_data_points() {
             assert_eq!(total, 360.0, "{max}");
         }
     }
+}
+
+#[tokio::test]
+async fn grouping_happens_before_the_row_limit() {
+    let mut config = Config::default();
+    config.query.max_rows = 20;
+    let server = seeded_with(config).await;
+    // Two temperature series in 30-minute buckets over 6 h: 24 series-buckets, 12 per group.
+    let body = |payload: Value| {
+        json!({"range": {"from": iso(BASE_S), "to": iso(BASE_S + 6 * 3600)},
+               "intervalMs": 1_800_000, "maxDataPoints": 100,
+               "targets": [{"refId": "A", "target": "temperature", "payload": payload}]})
+    };
+    let one = frames(&post_ok(&server.url, "/query", &body(json!({"group_by": "*"}))).await);
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].1.len(), 12);
+    // Without grouping the answer itself has 24 points: the limit is an error, never a cut.
+    let resp = post(&server.url, "/query", &body(json!({}))).await;
+    assert_error(resp, 413, "more than 20 rows").await;
 }
 
 #[tokio::test]
@@ -601,6 +623,11 @@ async fn kpi_raw_sql_and_annotation_targets() {
         .await
         .unwrap();
     assert_error(resp, 400, "not JSON").await;
+
+    // Without a scheduler there is no run history: no annotations, not an error.
+    let body = json!({"range": {"from": iso(BASE_S), "to": iso(BASE_S + 60)},
+                      "targets": [{"refId": "Anno", "target": "_tally.runs"}]});
+    assert_eq!(post_ok(url, "/query", &body).await, json!([]));
 
     // Annotations from a records table the user names (`metric_metadata`, see `seeded`).
     let now = chrono::Utc::now().timestamp();

@@ -448,6 +448,11 @@ async fn runs(
     ctx: &MacroContext,
     failed_only: bool,
 ) -> Result<Vec<Value>, ApiError> {
+    // A process without a scheduler (or a store no job ever ran in) has no history yet.
+    let tables = state.storage.list_tables().await?;
+    if !tables.iter().any(|t| t == tally_scheduler::RUNS_TABLE) {
+        return Ok(Vec::new());
+    }
     let mut conds = vec![
         macros::expand("finished_at >= $__timeFrom", ctx)?,
         macros::expand("coalesce(started_at, queued_at) < $__timeTo", ctx)?,

@@ -173,8 +173,8 @@ fn unescape(s: &str) -> String {
     out
 }
 
-/// A target string, with regex escaping undone (`$metric` arrives as `node\_x` never, but
-/// `a\.b` does).
+/// A target string, with Grafana's regex escaping of interpolated variables undone
+/// (`$metric` holding `a.b` arrives as `a\.b`).
 pub(crate) fn target_name(v: &Value) -> String {
     scalar(v).map(|s| unescape(s.trim())).unwrap_or_default()
 }
@@ -269,7 +269,8 @@ impl AdhocFilter {
             "=~" => Matcher::Regex(k, check_regex(&v)?),
             "!~" => Matcher::NotRegex(k, check_regex(&v)?),
             op @ ("<" | "<=" | ">" | ">=") => {
-                let n: f64 = v.trim().parse().map_err(|_| {
+                let n = v.trim().parse::<f64>().ok().filter(|n| n.is_finite());
+                let n = n.ok_or_else(|| {
                     bad(format!(
                         "ad hoc filter {k} {op} {v}: the value must be a number"
                     ))
