@@ -613,6 +613,20 @@ read_tokens = ["${MISSING_TOKEN}"]
     }
 
     #[test]
+    fn grafana_prefix_is_a_path_below_the_root() {
+        for good in ["/grafana", "/g/json"] {
+            let text = format!("[grafana]\nprefix = \"{good}\"\n");
+            let c = Config::from_toml_str(&text, "x", env(&[])).unwrap();
+            assert_eq!(c.grafana.prefix, good);
+        }
+        for bad in ["", "/", "grafana", "/grafana/", "/a//b", "/{x}"] {
+            let text = format!("[grafana]\nprefix = \"{bad}\"\n");
+            let err = Config::from_toml_str(&text, "x", env(&[])).unwrap_err();
+            assert_eq!(err.problems[0].field, "grafana.prefix", "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn expands_variables() {
         let vars: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
         assert_eq!(expand_str("x${A}y", &vars).unwrap(), "x1y");

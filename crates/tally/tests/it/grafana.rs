@@ -116,9 +116,33 @@ fn close(a: f64, b: f64) -> bool {
 #[tokio::test]
 async fn save_and_test_answers_200_on_both_spellings() {
     let server = InProcess::start(Config::default()).await;
-    for path in ["/grafana", "/grafana/"] {
+    check_health(&server.url, "/grafana").await;
+    // The prefix is configurable; the default path is then not served.
+    let mut config = Config::default();
+    config.grafana.prefix = "/tools/json".into();
+    let server = InProcess::start(config).await;
+    check_health(&server.url, "/tools/json").await;
+    let body = json!({"range": {"from": iso(BASE_S), "to": iso(BASE_S + 60)}, "targets": []});
+    let resp = client()
+        .post(format!("{}/tools/json/query", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!([]));
+    let resp = client()
+        .get(format!("{}/grafana", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+async fn check_health(url: &str, prefix: &str) {
+    for path in [prefix.to_string(), format!("{prefix}/")] {
         let resp = client()
-            .get(format!("{}{path}", server.url))
+            .get(format!("{url}{path}"))
             .header("content-type", "application/json")
             .send()
             .await
