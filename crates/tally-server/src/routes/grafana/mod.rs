@@ -580,7 +580,8 @@ async fn variable(State(state): State<AppState>, body: Body) -> Result<Json<Valu
             let inner = rest.trim_end().trim_end_matches(')');
             let args: Vec<String> = inner
                 .split(',')
-                .map(|a| a.trim().trim_matches('"').trim_matches('\'').to_string())
+                // A chained `$metric` arrives regex-escaped (`a\.b`).
+                .map(|a| request::unescape(a.trim().trim_matches('"').trim_matches('\'')))
                 .filter(|a| !a.is_empty())
                 .collect();
             (f.trim(), args)

@@ -153,7 +153,7 @@ fn split_regex_list(s: &str) -> Vec<String> {
 }
 
 /// Undoes Grafana's regex escaping of a variable value.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
