@@ -125,7 +125,9 @@ impl QueryEngine {
         &self.config
     }
 
-    async fn table_names(&self) -> Result<Vec<String>> {
+    /// The tables at the storage location (`metrics` always), from a listing renewed every
+    /// few seconds: the one listing sessions and front ends share.
+    pub async fn table_names(&self) -> Result<Vec<String>> {
         if let Some((at, names)) = self.tables.lock().as_ref()
             && at.elapsed() < TABLE_LIST_TTL
         {

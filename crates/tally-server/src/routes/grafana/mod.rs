@@ -191,8 +191,8 @@ async fn metrics(State(state): State<AppState>, body: Body) -> Result<Json<Value
 /// Tables a user can name for annotations: everything but Tally's own.
 async fn records_tables(state: &AppState) -> Result<Vec<String>, ApiError> {
     Ok(state
-        .storage
-        .list_tables()
+        .engine
+        .table_names()
         .await?
         .into_iter()
         .filter(|t| !t.starts_with('_') && t != "metrics")
@@ -449,7 +449,7 @@ async fn runs(
     failed_only: bool,
 ) -> Result<Vec<Value>, ApiError> {
     // A process without a scheduler (or a store no job ever ran in) has no history yet.
-    let tables = state.storage.list_tables().await?;
+    let tables = state.engine.table_names().await?;
     if !tables.iter().any(|t| t == tally_scheduler::RUNS_TABLE) {
         return Ok(Vec::new());
     }
@@ -556,11 +556,7 @@ const VARIABLE_HELP: &str = "a variable query is one of: metrics, kpis, jobs, la
 
 async fn variable(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
     let body = body_json(&state, body)?;
-    let range = range_of(body.get("range"), "range")?.map(|(from_us, to_us)| MacroContext {
-        from_us,
-        to_us,
-        interval_ms: 60_000,
-    });
+    let range = scope(body.get("range"), "range")?;
     let payload = body.get("payload");
     let text = match payload {
         Some(Value::String(s)) => s.clone(),
@@ -650,17 +646,21 @@ fn sql_options(
     Ok(out)
 }
 
-/// Scope of an ad hoc filter dropdown: the dashboard range and the other filters.
-fn tag_scope(body: &Value) -> Result<(Option<MacroContext>, Vec<Matcher>), ApiError> {
-    let range = range_of(
-        body.get("timeRange").or_else(|| body.get("range")),
-        "timeRange",
-    )?
-    .map(|(from_us, to_us)| MacroContext {
+/// A dashboard range narrowing a catalog question (the bucket width is not used there).
+fn scope(range: Option<&Value>, what: &str) -> Result<Option<MacroContext>, ApiError> {
+    Ok(range_of(range, what)?.map(|(from_us, to_us)| MacroContext {
         from_us,
         to_us,
         interval_ms: 60_000,
-    });
+    }))
+}
+
+/// Scope of an ad hoc filter dropdown: the dashboard range and the other filters.
+fn tag_scope(body: &Value) -> Result<(Option<MacroContext>, Vec<Matcher>), ApiError> {
+    let range = scope(
+        body.get("timeRange").or_else(|| body.get("range")),
+        "timeRange",
+    )?;
     let mut matchers = Vec::new();
     for f in adhoc_filters(body)? {
         matchers.push(f.matcher()?);
